@@ -235,8 +235,13 @@ class SynthesizeConfig(Section):
 
     num_examples: int = Field(920_000, gt=0, description="Prompts to generate for (SPEED: 920K kept).")
     kind_mix: dict[str, float] = Field(
-        default_factory=lambda: {"retrieval": 7, "classification": 7, "sts": 7, "matching_short": 1,
-                                 "matching_long": 1},
+        default_factory=lambda: {
+            "retrieval": 7,
+            "classification": 7,
+            "sts": 7,
+            "matching_short": 1,
+            "matching_long": 1,
+        },
         description="Relative weights of kinds (SPEED 7:7:7:2, matching split in two).",
     )
     revise: bool = Field(True, description="One revisor pass over the senior's outputs.")
@@ -381,7 +386,9 @@ def apply_override(data: dict[str, Any], override: str) -> None:
     node[path[-1]] = yaml.safe_load(raw) if raw.strip() else None
 
 
-def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str] | None = None) -> SpeedConfig:
+def load_config(
+    path: str | os.PathLike[str] | None = None, overrides: list[str] | None = None
+) -> SpeedConfig:
     """Read a YAML config, apply dotted overrides, validate.
 
     Raises:
@@ -392,10 +399,14 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str]
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise ConfigError(f"config file '{p}' not found; pass a YAML file such as configs/quickstart.yaml")
+            raise ConfigError(
+                f"config file '{p}' not found; pass a YAML file such as configs/quickstart.yaml"
+            )
         loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
         if not isinstance(loaded, dict):
-            raise ConfigError(f"config file '{p}' must hold a mapping of sections, got {type(loaded).__name__}")
+            raise ConfigError(
+                f"config file '{p}' must hold a mapping of sections, got {type(loaded).__name__}"
+            )
         data = loaded
     for override in overrides or []:
         apply_override(data, override)

@@ -1,0 +1,1 @@
+"""The pipeline's stages, one module each; importing this package registers them all."""

@@ -1,0 +1,252 @@
+"""The `speed` command line: parse, load the config, call the runner or a tool.
+
+Every subcommand is a thin shell over a library function, so that what the CLI does can also be
+done from Python. Heavy modules are imported inside the subcommand that needs them, which keeps
+`speed status` instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from speed.config import ConfigError, SpeedConfig, load_config
+from speed.runner import StageError
+
+logger = logging.getLogger("speed.cli")
+
+
+def _load_run(run: str) -> tuple[SpeedConfig, Path]:
+    run_dir = Path(run)
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.exists():
+        raise ConfigError(
+            f"'{run_dir}' is not a run directory (no config.yaml); pass the folder `speed run` made"
+        )
+    cfg = load_config(cfg_path, [f"run.dir={run_dir}"])
+    return cfg, run_dir
+
+
+# --------------------------------------------------------------------------------------------
+# subcommands
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from speed.runner import Runner, setup_logging
+
+    cfg = load_config(args.config, args.override)
+    run_dir = Path(cfg.run.dir)
+    setup_logging(run_dir, cfg.run.log_level)
+    runner = Runner(cfg)
+    logger.info("run %s: %d stages", run_dir, len(runner.stages))
+    statuses = runner.run(only=args.only, until=args.until)
+    if not args.only and not args.until and all(s.state == "done" for s in statuses):
+        report = _try_report(run_dir)
+        if report:
+            logger.info("report: %s", report)
+    _print_status(runner.status(), run_dir, cfg)
+    return 0
+
+
+def _try_report(run_dir: Path) -> Path | None:
+    try:
+        from speed.report import build_report
+    except ImportError:
+        return None
+    return build_report(run_dir)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from speed.runner import Runner
+
+    cfg, run_dir = _load_run(args.run)
+    _print_status(Runner(cfg).status(), run_dir, cfg)
+    return 0
+
+
+def _print_status(statuses: list[Any], run_dir: Path, cfg: SpeedConfig) -> None:
+    from speed.ledger import Ledger
+
+    ledger = Ledger(run_dir / "ledger.sqlite") if (run_dir / "ledger.sqlite").exists() else None
+    rows = [("stage", "state", "count", "drops", "teacher calls", "time (s)")]
+    for s in statuses:
+        m = s.manifest or {}
+        stats = m.get("stats", {})
+        drops = stats.get("drops", {})
+        teacher = ledger.totals(stage=s.name, role="teacher").calls if ledger else 0
+        rows.append(
+            (
+                s.name,
+                s.state,
+                str(stats.get("count", "")),
+                str(sum(drops.values())) if isinstance(drops, dict) and drops else "",
+                str(teacher) if teacher else "",
+                f"{m['duration_s']:.1f}" if "duration_s" in m else "",
+            )
+        )
+    print(f"run {run_dir}")
+    _print_table(rows)
+    if ledger:
+        ledger.close()
+
+
+def _print_table(rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for j, r in enumerate(rows):
+        print(
+            "  ".join(
+                c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
+            )
+        )
+        if j == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from speed.io import read_json, read_rows
+
+    run_dir = Path(args.run)
+    folder = run_dir / args.stage
+    if not (folder / "manifest.json").exists():
+        done = sorted(p.parent.name for p in run_dir.glob("*/manifest.json"))
+        raise ConfigError(
+            f"stage '{args.stage}' has not finished in {run_dir}; finished: {', '.join(done) or 'none'}"
+        )
+    try:
+        rows = read_rows(folder)
+    except FileNotFoundError:
+        print(json.dumps(read_json(folder / "manifest.json"), indent=2, ensure_ascii=False))
+        return 0
+    print(f"{args.stage}: {len(rows)} rows; showing {min(args.n, len(rows))}")
+    for i, row in enumerate(rows[: args.n]):
+        print(f"--- [{i}]")
+        print(json.dumps(row, indent=2, ensure_ascii=False))
+    return 0
+
+
+def cost_summary(run_dir: Path) -> dict[str, Any]:
+    """Teacher calls and tokens per stage, and teacher calls per final example."""
+    from speed.io import read_json
+    from speed.ledger import Ledger
+
+    ledger = Ledger(run_dir / "ledger.sqlite")
+    try:
+        per_stage = {}
+        for (stage, role), t in ledger.breakdown().items():
+            if role == "teacher":
+                per_stage[stage] = t.to_dict()
+        total = ledger.totals(role="teacher").to_dict()
+    finally:
+        ledger.close()
+    final = None
+    for name in ("synthesize",):
+        m = run_dir / name / "manifest.json"
+        if m.exists():
+            final = read_json(m).get("stats", {}).get("count")
+    return {
+        "teacher_by_stage": per_stage,
+        "teacher_total": total,
+        "final_examples": final,
+        "teacher_calls_per_example": (total["calls"] / final) if final else None,
+    }
+
+
+def cmd_cost(args: argparse.Namespace) -> int:
+    run_dir = Path(args.run)
+    if not (run_dir / "ledger.sqlite").exists():
+        raise ConfigError(f"'{run_dir}' has no ledger.sqlite; is it a run directory?")
+    c = cost_summary(run_dir)
+    if args.json:
+        print(json.dumps(c, indent=2))
+        return 0
+    rows = [("stage", "teacher calls", "tokens in", "tokens out", "errors")]
+    for stage, t in c["teacher_by_stage"].items():
+        rows.append((stage, str(t["calls"]), str(t["tokens_in"]), str(t["tokens_out"]), str(t["errors"])))
+    t = c["teacher_total"]
+    rows.append(("total", str(t["calls"]), str(t["tokens_in"]), str(t["tokens_out"]), str(t["errors"])))
+    _print_table(rows)
+    if c["final_examples"]:
+        print(
+            f"final examples: {c['final_examples']}; teacher calls per final example: "
+            f"{c['teacher_calls_per_example']:.4f}"
+        )
+    else:
+        print("final examples: none yet (synthesize has not finished)")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="speed", description=__doc__.split("\n")[0])
+    p.add_argument("--version", action="version", version=f"speed {__import__('speed').__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    r = sub.add_parser("run", help="run the pipeline of a config (resumes; skips finished stages)")
+    r.add_argument("config", help="YAML config, e.g. configs/quickstart.yaml")
+    r.add_argument(
+        "-o",
+        "--override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="dotted override, e.g. -o seed.num_examples=200 (repeatable)",
+    )
+    g = r.add_mutually_exclusive_group()
+    g.add_argument("--only", metavar="STAGE", help="run this stage only (its inputs must be done)")
+    g.add_argument("--until", metavar="STAGE", help="run this stage and what it needs")
+    r.set_defaults(func=cmd_run)
+
+    st = sub.add_parser("stage", help="run one stage of a config (same as run --only)")
+    st.add_argument("config")
+    st.add_argument("only", metavar="STAGE")
+    st.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE")
+    st.set_defaults(func=cmd_run, until=None)
+
+    s = sub.add_parser("status", help="stages done, stale or pending, with counts, teacher calls, time")
+    s.add_argument("run", help="run directory")
+    s.set_defaults(func=cmd_status)
+
+    sh = sub.add_parser("show", help="pretty-print a stage's examples")
+    sh.add_argument("run")
+    sh.add_argument("stage")
+    sh.add_argument("-n", type=int, default=3, help="how many (default 3)")
+    sh.set_defaults(func=cmd_show)
+
+    c = sub.add_parser("cost", help="teacher calls and tokens per stage, and per final example")
+    c.add_argument("run")
+    c.add_argument("--json", action="store_true", help="print JSON")
+    c.set_defaults(func=cmd_cost)
+
+    for extra in _EXTRA_COMMANDS:
+        extra(sub)
+    return p
+
+
+_EXTRA_COMMANDS: list[Any] = []
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not logging.getLogger("speed").handlers:
+        logging.basicConfig(
+            level=logging.INFO, format="%(asctime)s %(levelname).1s %(message)s", datefmt="%H:%M:%S"
+        )
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, StageError) as err:
+        print(f"speed: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("speed: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,276 @@
+"""The call ledger: every LLM call of a run, in one SQLite database.
+
+Each request is keyed by a hash of role, model, messages, sampling and schema
+(:meth:`speed.llm.base.Request.key`). A request already answered is replayed instead of sent, which
+is how a killed run resumes without paying twice, and the ledger's sums are the run's cost report:
+teacher calls and tokens per stage, the paper's headline figure.
+
+Design choices:
+- SQLite in WAL mode: one file that travels with the run, safe against a SIGKILL mid-write, readable
+  by other processes (``speed status``) while a stage writes.
+- Answers are written as soon as a batch returns, before the stage uses them, so a crash loses at
+  most the batch in flight.
+- A failed request is recorded with its error but never replayed: a rerun asks again. ``attempts``
+  accumulates over reruns.
+- Only the request payload is stored: no endpoint URL, header or API key ever reaches the database.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from speed.llm.base import Backend, Completion, Request
+
+logger = logging.getLogger(__name__)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS calls (
+    key        TEXT PRIMARY KEY,
+    stage      TEXT NOT NULL,
+    role       TEXT NOT NULL,
+    model      TEXT NOT NULL,
+    request    TEXT NOT NULL,
+    response   TEXT,
+    tokens_in  INTEGER NOT NULL DEFAULT 0,
+    tokens_out INTEGER NOT NULL DEFAULT 0,
+    latency_s  REAL NOT NULL DEFAULT 0,
+    attempts   INTEGER NOT NULL DEFAULT 0,
+    error      TEXT,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS calls_stage_role ON calls(stage, role);
+"""
+
+
+@dataclass
+class Totals:
+    """Sums over answered calls (errors excluded from calls and tokens)."""
+
+    calls: int = 0
+    tokens_in: int = 0
+    tokens_out: int = 0
+    errors: int = 0
+    latency_s: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "calls": self.calls,
+            "tokens_in": self.tokens_in,
+            "tokens_out": self.tokens_out,
+            "errors": self.errors,
+            "latency_s": round(self.latency_s, 3),
+        }
+
+
+class Ledger:
+    """An SQLite call ledger. Thread-safe; one connection per thread.
+
+    Args:
+        path: the database file (created with its folder).
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        with self._conn() as conn:
+            conn.executescript(_SCHEMA)
+
+    @contextmanager
+    def _conn(self) -> Iterator[sqlite3.Connection]:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            self._local.conn = conn
+        yield conn
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    # -- reads ---------------------------------------------------------------------------------
+
+    def lookup(self, keys: Sequence[str]) -> dict[str, Completion]:
+        """Answered (error-free) completions for the given keys."""
+        found: dict[str, Completion] = {}
+        with self._conn() as conn:
+            for i in range(0, len(keys), 500):
+                chunk = list(keys[i : i + 500])
+                marks = ",".join("?" * len(chunk))
+                rows = conn.execute(
+                    f"SELECT key, response FROM calls WHERE error IS NULL AND response IS NOT NULL "
+                    f"AND key IN ({marks})",
+                    chunk,
+                ).fetchall()
+                for key, response in rows:
+                    comp = Completion.from_dict(json.loads(response))
+                    comp.cached = True
+                    found[key] = comp
+        return found
+
+    def totals(self, stage: str | None = None, role: str | None = None) -> Totals:
+        """Sums over calls, optionally of one stage and/or one role."""
+        where, args = [], []
+        if stage is not None:
+            where.append("stage = ?")
+            args.append(stage)
+        if role is not None:
+            where.append("role = ?")
+            args.append(role)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        with self._conn() as conn:
+            row = conn.execute(
+                "SELECT SUM(error IS NULL), SUM(CASE WHEN error IS NULL THEN tokens_in END), "
+                "SUM(CASE WHEN error IS NULL THEN tokens_out END), SUM(error IS NOT NULL), "
+                f"SUM(latency_s) FROM calls {clause}",
+                args,
+            ).fetchone()
+        return Totals(*(v or 0 for v in row))
+
+    def breakdown(self) -> dict[tuple[str, str], Totals]:
+        """Totals per (stage, role)."""
+        with self._conn() as conn:
+            pairs = conn.execute("SELECT DISTINCT stage, role FROM calls ORDER BY stage, role").fetchall()
+        return {(s, r): self.totals(stage=s, role=r) for s, r in pairs}
+
+    def rows(self, stage: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        """Raw rows, newest first, for inspection."""
+        with self._conn() as conn:
+            conn.row_factory = sqlite3.Row
+            try:
+                q = (
+                    "SELECT * FROM calls"
+                    + (" WHERE stage = ?" if stage else "")
+                    + " ORDER BY updated_at DESC LIMIT ?"
+                )
+                args: list[Any] = [stage, limit] if stage else [limit]
+                return [dict(r) for r in conn.execute(q, args).fetchall()]
+            finally:
+                conn.row_factory = None
+
+    # -- writes --------------------------------------------------------------------------------
+
+    def record(
+        self, stage: str, role: str, model: str, items: Sequence[tuple[str, Request, Completion]]
+    ) -> None:
+        """Store answers (or errors) in one transaction."""
+        now = time.time()
+        with self._conn() as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for key, req, comp in items:
+                    conn.execute(
+                        """
+                        INSERT INTO calls (key, stage, role, model, request, response, tokens_in,
+                                           tokens_out, latency_s, attempts, error, created_at, updated_at)
+                        VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                        ON CONFLICT(key) DO UPDATE SET
+                            stage = excluded.stage, response = excluded.response,
+                            tokens_in = excluded.tokens_in, tokens_out = excluded.tokens_out,
+                            latency_s = calls.latency_s + excluded.latency_s,
+                            attempts = calls.attempts + excluded.attempts,
+                            error = excluded.error, updated_at = excluded.updated_at
+                        """,
+                        (
+                            key,
+                            stage,
+                            role,
+                            model,
+                            json.dumps(req.to_dict(), ensure_ascii=False),
+                            None if comp.error else json.dumps(comp.to_dict(), ensure_ascii=False),
+                            comp.tokens_in,
+                            comp.tokens_out,
+                            comp.latency_s,
+                            comp.attempts,
+                            comp.error,
+                            now,
+                            now,
+                        ),
+                    )
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+
+
+class LedgeredBackend(Backend):
+    """A backend whose every call goes through the ledger.
+
+    Requests already answered are replayed; the rest are sent in chunks of ``flush_every`` and
+    recorded as each chunk returns, so a crash loses at most one chunk.
+
+    Args:
+        backend: the real backend.
+        ledger: the run's ledger.
+        role: the role this backend plays ("teacher", "junior", ...).
+        stage: the stage the calls belong to (for the cost report).
+        flush_every: requests per chunk sent to the backend.
+        model_id: label of the model for the ledger key; defaults to ``backend.model_id``.
+    """
+
+    name = "ledgered"
+
+    def __init__(
+        self,
+        backend: Backend,
+        ledger: Ledger,
+        role: str,
+        stage: str,
+        flush_every: int = 32,
+        model_id: str | None = None,
+    ):
+        self.backend = backend
+        self.ledger = ledger
+        self.role = role
+        self.stage = stage
+        self.flush_every = max(1, flush_every)
+        self.model_id = model_id or backend.model_id
+        self.sent = 0
+        self.replayed = 0
+
+    def generate(self, requests: Sequence[Request]) -> list[Completion]:
+        keys = [r.key(self.role, self.model_id) for r in requests]
+        cached = self.ledger.lookup(keys)
+        out: list[Completion | None] = [cached.get(k) for k in keys]
+        self.replayed += sum(c is not None for c in out)
+        todo = [i for i, c in enumerate(out) if c is None]
+        # identical requests in one batch are sent once
+        first: dict[str, int] = {}
+        unique = [i for i in todo if first.setdefault(keys[i], i) == i]
+        for start in range(0, len(unique), self.flush_every):
+            idx = unique[start : start + self.flush_every]
+            comps = self.backend.generate([requests[i] for i in idx])
+            if len(comps) != len(idx):
+                raise RuntimeError(
+                    f"backend {self.backend.name} returned {len(comps)} completions for {len(idx)} requests"
+                )
+            self.ledger.record(
+                self.stage,
+                self.role,
+                self.model_id,
+                [(keys[i], requests[i], c) for i, c in zip(idx, comps, strict=True)],
+            )
+            self.sent += len(idx)
+            for i, c in zip(idx, comps, strict=True):
+                out[i] = c
+        for i in todo:
+            if out[i] is None:
+                out[i] = out[first[keys[i]]]
+        return [c for c in out if c is not None]
+
+    def close(self) -> None:
+        self.backend.close()

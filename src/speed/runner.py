@@ -1,0 +1,497 @@
+"""The stage graph: keys, manifests, resume.
+
+A run is a directory. Each stage writes into ``RUN/.work/NAME/`` and, when its ``run`` returns,
+``manifest.json`` is written last and the folder is renamed to ``RUN/NAME/``. So a stage folder with
+a manifest is complete by construction, and a stage killed at any point is simply not done.
+
+A stage's *key* is a hash of its config section, the hashes of its prompt templates, the model specs
+of the roles it uses, the run seed, its code version and its upstream stages' keys. A stage whose
+manifest holds the current key is skipped; any change reruns it and, through the upstream keys,
+everything downstream.
+
+Resume inside a stage has two layers:
+- the work folder survives a crash and is kept when its key matches, so a stage that writes shards
+  with completion markers (synthesis) redoes only unfinished shards;
+- every LLM call goes through the ledger, so finished calls are replayed, not sent again.
+
+Runtime knobs of a model spec (threads, concurrency, rate limits, timeouts, batch size, endpoint
+URL) are left out of keys: they change how fast a stage runs, not what it writes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import logging
+import random
+import shutil
+import sys
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal, TypeVar
+
+from pydantic import BaseModel
+
+from speed import __version__
+from speed.config import ConfigError, ModelSpec, SpeedConfig
+from speed.io import read_json, write_json
+from speed.ledger import Ledger, LedgeredBackend
+from speed.llm.base import Backend
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: ModelSpec fields that change speed, not output; kept out of stage keys
+RUNTIME_FIELDS = frozenset(
+    {"threads", "concurrency", "requests_per_minute", "timeout_s", "max_retries", "batch_size", "base_url"}
+)
+
+MANIFEST = "manifest.json"
+
+
+class StageError(RuntimeError):
+    """A stage cannot run: missing input, bad upstream data, unknown stage name."""
+
+
+# --------------------------------------------------------------------------------------------
+# stages and their registry
+
+
+class Stage(ABC):
+    """One step of the pipeline.
+
+    Subclasses set ``name``, ``reads`` (upstream stage names), ``roles`` (model roles used),
+    ``section`` (config section; defaults to ``name``) and ``templates`` (prompt template names whose
+    text is part of the key), and implement :meth:`run`. A stage never knows whether its shards run
+    locally or on Ray: it hands work to ``ctx.executor``.
+    """
+
+    name: ClassVar[str]
+    reads: ClassVar[tuple[str, ...]] = ()
+    roles: ClassVar[tuple[str, ...]] = ()
+    section: ClassVar[str | None] = None
+    templates: ClassVar[tuple[str, ...]] = ()
+    #: bump when the stage's code changes what it writes
+    version: ClassVar[int] = 1
+
+    def template_hashes(self, cfg: SpeedConfig) -> dict[str, str]:
+        """Hash of each prompt template this stage renders (part of the key)."""
+        if not self.templates:
+            return {}
+        from speed.tasks.templates import template_hash
+
+        return {name: template_hash(name) for name in self.templates}
+
+    def check(self, ctx: StageContext) -> None:  # noqa: B027 - optional hook
+        """Fail fast, before any LLM call, when an input is missing or misshaped."""
+
+    @abstractmethod
+    def run(self, ctx: StageContext) -> dict[str, Any]:
+        """Do the work, writing outputs under ``ctx.out``; return stats for the manifest.
+
+        The stats should hold ``count`` (examples written) and ``drops`` (reason -> count) where
+        those apply.
+        """
+
+
+STAGES: dict[str, type[Stage]] = {}
+
+S = TypeVar("S", bound=type[Stage])
+
+
+def register(cls: S) -> S:
+    """Class decorator: add a stage to the registry (a later class of the same name replaces it)."""
+    STAGES[cls.name] = cls
+    return cls
+
+
+def load_stages(plugins: Sequence[str] = ()) -> dict[str, type[Stage]]:
+    """Import the built-in stages and the configured plugin modules; return the registry."""
+    importlib.import_module("speed.stages")
+    for mod in plugins:
+        try:
+            importlib.import_module(mod)
+        except ImportError as err:
+            raise ConfigError(
+                f"pipeline.plugins: cannot import '{mod}' ({err}); is it on PYTHONPATH?"
+            ) from err
+    return STAGES
+
+
+# --------------------------------------------------------------------------------------------
+# keys and plans
+
+
+def _dump(obj: Any) -> Any:
+    return obj.model_dump(mode="json") if isinstance(obj, BaseModel) else obj
+
+
+def _hash(payload: Any) -> str:
+    blob = json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
+
+
+def spec_identity(spec: ModelSpec) -> dict[str, Any]:
+    """The parts of a model spec that determine outputs."""
+    return {k: v for k, v in spec.model_dump(mode="json").items() if k not in RUNTIME_FIELDS}
+
+
+State = Literal["done", "stale", "pending"]
+
+
+@dataclass
+class StageStatus:
+    """Where one stage stands in a run."""
+
+    name: str
+    key: str
+    state: State
+    manifest: dict[str, Any] | None = None
+
+
+def order_stages(cfg: SpeedConfig, registry: dict[str, type[Stage]]) -> list[type[Stage]]:
+    """The configured stages in dependency order; errors name unknown or missing stages."""
+    import difflib
+
+    names = cfg.pipeline.stages if cfg.pipeline.stages is not None else list(registry)
+    for n in names:
+        if n not in registry:
+            near = difflib.get_close_matches(n, list(registry), n=1)
+            hint = f" Did you mean '{near[0]}'?" if near else ""
+            raise ConfigError(f"pipeline.stages: unknown stage '{n}'.{hint} Known: {', '.join(registry)}")
+    chosen = {n: registry[n] for n in names}
+    for cls in chosen.values():
+        for up in cls.reads:
+            if up not in chosen:
+                raise ConfigError(
+                    f"pipeline.stages: stage '{cls.name}' reads '{up}', which is not in the pipeline; add it"
+                )
+    ordered: list[type[Stage]] = []
+    seen: set[str] = set()
+
+    def visit(cls: type[Stage], path: tuple[str, ...]) -> None:
+        if cls.name in seen:
+            return
+        if cls.name in path:
+            raise ConfigError(f"stage cycle: {' -> '.join((*path, cls.name))}")
+        for up in cls.reads:
+            visit(chosen[up], (*path, cls.name))
+        seen.add(cls.name)
+        ordered.append(cls)
+
+    for cls in chosen.values():
+        visit(cls, ())
+    return ordered
+
+
+def stage_keys(cfg: SpeedConfig, stages: Sequence[type[Stage]]) -> dict[str, str]:
+    """Key of every stage (upstream keys first)."""
+    keys: dict[str, str] = {}
+    for cls in stages:
+        stage = cls()
+        section = cls.section or cls.name
+        payload = {
+            "stage": cls.name,
+            "version": cls.version,
+            "seed": cfg.run.seed,
+            "section": _dump(cfg.section(section)),
+            "templates": stage.template_hashes(cfg),
+            "models": {r: spec_identity(getattr(cfg.models, r)) for r in cls.roles},
+            "upstream": {up: keys[up] for up in cls.reads},
+        }
+        keys[cls.name] = _hash(payload)
+    return keys
+
+
+# --------------------------------------------------------------------------------------------
+# the context a stage runs in
+
+
+@dataclass
+class StageContext:
+    """What a stage sees: its config, its folders, its inputs, its models."""
+
+    cfg: SpeedConfig
+    run_dir: Path
+    name: str
+    key: str
+    out: Path
+    reads: tuple[str, ...]
+    session: RunSession
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def section(self) -> Any:
+        return self.cfg.section(STAGES[self.name].section or self.name) if self.name in STAGES else None
+
+    @property
+    def ledger(self) -> Ledger:
+        return self.session.ledger
+
+    @property
+    def executor(self) -> Any:
+        return self.session.executor()
+
+    def input(self, stage: str) -> Path:
+        """Folder of a finished upstream stage."""
+        if stage not in self.reads:
+            raise StageError(f"stage '{self.name}' reads '{stage}' but does not declare it in `reads`")
+        folder = self.run_dir / stage
+        if not (folder / MANIFEST).exists():
+            raise StageError(f"stage '{self.name}' needs '{stage}', which has not finished in {self.run_dir}")
+        return folder
+
+    def manifest(self, stage: str) -> dict[str, Any]:
+        return dict(read_json(self.input(stage) / MANIFEST))
+
+    def llm(self, role: str, model_path: str | Path | None = None) -> LedgeredBackend:
+        """The backend of a role, every call through the ledger under this stage's name.
+
+        Args:
+            role: teacher, junior, senior, revisor.
+            model_path: weights trained in the run (a merged model or adapter folder), replacing
+                the spec's ``model``.
+        """
+        return self.session.llm(role, self.name, model_path)
+
+    def rng(self, salt: str = "") -> random.Random:
+        """A random generator seeded by the run seed, this stage and ``salt``."""
+        digest = hashlib.sha256(f"{self.cfg.run.seed}/{self.name}/{salt}".encode()).hexdigest()
+        return random.Random(int(digest[:16], 16))
+
+    def seed_for(self, *parts: Any) -> int:
+        """A stable 31-bit seed for one request or shard."""
+        digest = hashlib.sha256(
+            "/".join(map(str, (self.cfg.run.seed, self.name, *parts))).encode()
+        ).hexdigest()
+        return int(digest[:8], 16) & 0x7FFFFFFF
+
+    def progress(self, items: Iterable[T], total: int | None = None, desc: str = "") -> Iterator[T]:
+        """Iterate with a progress bar on a terminal, quietly otherwise."""
+        from tqdm.auto import tqdm
+
+        yield from tqdm(
+            items, total=total, desc=desc or self.name, disable=not sys.stderr.isatty(), leave=False
+        )
+
+
+class RunSession:
+    """Resources shared by the stages of one invocation: ledger, backends, executor.
+
+    Backends are started once (a local teacher server serves every stage) and closed when the
+    session ends, also on error or Ctrl-C.
+    """
+
+    def __init__(self, cfg: SpeedConfig, run_dir: Path):
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.ledger = Ledger(run_dir / "ledger.sqlite")
+        self._stack = ExitStack()
+        self._backends: dict[tuple[str, str | None], Backend] = {}
+        self._executor: Any = None
+
+    def llm(self, role: str, stage: str, model_path: str | Path | None = None) -> LedgeredBackend:
+        spec: ModelSpec = getattr(self.cfg.models, role)
+        path = str(model_path) if model_path is not None else None
+        cache_key = (role, path)
+        if cache_key not in self._backends:
+            from speed.llm import load_backend
+
+            backend = load_backend(spec, threads=spec.threads or self.cfg.run.threads, model_path=path)
+            self._stack.callback(backend.close)
+            self._backends[cache_key] = backend
+        backend = self._backends[cache_key]
+        # the ledger key names the weights: a trained model in the run is named by its folder
+        # relative to the run, so that a copied run replays on another machine
+        model_id = backend.model_id
+        if path is not None:
+            try:
+                model_id = f"run:{Path(path).resolve().relative_to(self.run_dir.resolve())}"
+            except ValueError:
+                model_id = path
+        return LedgeredBackend(
+            backend, self.ledger, role, stage, flush_every=spec.batch_size, model_id=model_id
+        )
+
+    def release(self, role: str) -> None:
+        """Close a role's backends early (free memory before training)."""
+        for key in [k for k in self._backends if k[0] == role]:
+            self._backends.pop(key).close()
+
+    def executor(self) -> Any:
+        if self._executor is None:
+            from speed.executors import make_executor
+
+            self._executor = make_executor(self.cfg)
+            self._stack.callback(self._executor.close)
+        return self._executor
+
+    def close(self) -> None:
+        self._stack.close()
+        self.ledger.close()
+
+
+# --------------------------------------------------------------------------------------------
+# the runner
+
+
+class Runner:
+    """Plans and runs the stages of one config in its run directory."""
+
+    def __init__(self, cfg: SpeedConfig, registry: dict[str, type[Stage]] | None = None):
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run.dir)
+        self.registry = registry if registry is not None else load_stages(cfg.pipeline.plugins)
+        self.stages = order_stages(cfg, self.registry)
+        self.keys = stage_keys(cfg, self.stages)
+
+    def status(self) -> list[StageStatus]:
+        """Each stage's state: done (manifest with the current key), stale (another key), pending."""
+        out = []
+        for cls in self.stages:
+            mpath = self.run_dir / cls.name / MANIFEST
+            manifest = read_json(mpath) if mpath.exists() else None
+            if manifest is None:
+                state: State = "pending"
+            elif manifest.get("key") == self.keys[cls.name]:
+                state = "done"
+            else:
+                state = "stale"
+            out.append(StageStatus(cls.name, self.keys[cls.name], state, manifest))
+        return out
+
+    def select(self, only: str | None = None, until: str | None = None) -> list[type[Stage]]:
+        names = [c.name for c in self.stages]
+        for flag, value in (("--only", only), ("--until", until)):
+            if value is not None and value not in names:
+                import difflib
+
+                near = difflib.get_close_matches(value, names, n=1)
+                hint = f" Did you mean '{near[0]}'?" if near else ""
+                raise ConfigError(
+                    f"{flag}: no stage '{value}' in this pipeline.{hint} Stages: {', '.join(names)}"
+                )
+        if only is not None:
+            return [self.registry[only]]
+        if until is not None:
+            needed: set[str] = set()
+
+            def add(n: str) -> None:
+                if n not in needed:
+                    needed.add(n)
+                    for up in self.registry[n].reads:
+                        add(up)
+
+            add(until)
+            return [c for c in self.stages if c.name in needed]
+        return list(self.stages)
+
+    def run(self, only: str | None = None, until: str | None = None) -> list[StageStatus]:
+        """Run what is not done; return the final statuses."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(self.cfg.to_yaml(), encoding="utf-8")
+        selected = self.select(only, until)
+        states = {s.name: s for s in self.status()}
+        session = RunSession(self.cfg, self.run_dir)
+        try:
+            for cls in selected:
+                if states[cls.name].state == "done":
+                    logger.info("stage %-11s done (key %s), skipped", cls.name, self.keys[cls.name])
+                    continue
+                for up in cls.reads:
+                    if states[up].state != "done":
+                        raise StageError(
+                            f"stage '{cls.name}' needs '{up}', which is {states[up].state}; "
+                            f"run `speed run CONFIG --until {cls.name}` to build it"
+                        )
+                self._run_stage(cls, session)
+                states[cls.name] = next(s for s in self.status() if s.name == cls.name)
+        finally:
+            session.close()
+        return self.status()
+
+    def _run_stage(self, cls: type[Stage], session: RunSession) -> None:
+        key = self.keys[cls.name]
+        work = self.run_dir / ".work" / cls.name
+        keyfile = work / "KEY"
+        if work.exists() and not (keyfile.exists() and keyfile.read_text().strip() == key):
+            shutil.rmtree(work)
+        resumed = work.exists()
+        work.mkdir(parents=True, exist_ok=True)
+        keyfile.write_text(key)
+        if resumed and (work / MANIFEST).exists() and read_json(work / MANIFEST).get("key") == key:
+            logger.info("stage %-11s finished before a crash; committing it", cls.name)
+            self._commit(cls.name, work)
+            return
+
+        stage = cls()
+        ctx = StageContext(self.cfg, self.run_dir, cls.name, key, work, cls.reads, session)
+        logger.info("stage %-11s %s (key %s)", cls.name, "resuming" if resumed else "starting", key)
+        t0 = time.time()
+        stage.check(ctx)
+        stats = stage.run(ctx) or {}
+        elapsed = time.time() - t0
+        calls = session.ledger.breakdown()
+        manifest = {
+            "stage": cls.name,
+            "key": key,
+            "speed_version": __version__,
+            "upstream": {up: self.keys[up] for up in cls.reads},
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "duration_s": round(elapsed, 3),
+            "resumed": resumed,
+            "stats": stats,
+            "calls": {role: t.to_dict() for (st, role), t in calls.items() if st == cls.name},
+            "files": sorted(
+                str(p.relative_to(work)) for p in work.rglob("*") if p.is_file() and p.name != "KEY"
+            ),
+        }
+        write_json(work / MANIFEST, manifest)  # last: the stage is done once this exists
+        self._commit(cls.name, work)
+        teacher = manifest["calls"].get("teacher", {}).get("calls", 0)
+        logger.info(
+            "stage %-11s done in %.1fs: %s%s",
+            cls.name,
+            elapsed,
+            ", ".join(f"{k}={v}" for k, v in stats.items() if isinstance(v, int | float)) or "no stats",
+            f", teacher calls {teacher}" if teacher else "",
+        )
+
+    def _commit(self, name: str, work: Path) -> None:
+        final = self.run_dir / name
+        (work / "KEY").unlink(missing_ok=True)
+        if final.exists():
+            trash = self.run_dir / ".work" / f"{name}.old"
+            if trash.exists():
+                shutil.rmtree(trash)
+            final.rename(trash)
+            work.rename(final)
+            shutil.rmtree(trash)
+        else:
+            work.rename(final)
+
+
+def setup_logging(run_dir: Path | None, level: str = "INFO") -> None:
+    """Concise log on the terminal; the full one in ``RUN/logs/run.log``."""
+    root = logging.getLogger("speed")
+    root.setLevel(logging.DEBUG)
+    for h in list(root.handlers):
+        root.removeHandler(h)
+        h.close()
+    console = logging.StreamHandler(sys.stderr)
+    console.setLevel(level)
+    console.setFormatter(logging.Formatter("%(asctime)s %(levelname).1s %(message)s", "%H:%M:%S"))
+    root.addHandler(console)
+    if run_dir is not None:
+        (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        fh = logging.FileHandler(run_dir / "logs" / "run.log", encoding="utf-8")
+        fh.setLevel(logging.DEBUG)
+        fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(fh)
+    root.propagate = False

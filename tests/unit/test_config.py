@@ -1,0 +1,74 @@
+"""Config loading: YAML plus dotted overrides fill the same typed sections; typos are named."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from speed.config import ConfigError, load_config
+
+
+def test_defaults_are_the_papers_values():
+    cfg = load_config()
+    assert cfg.senior.beta == 0.1
+    assert cfg.senior.learning_rate == 1e-5
+    assert cfg.junior.learning_rate == 1e-4 and cfg.junior.batch_size == 16
+    assert cfg.revisor.learning_rate == 5e-6 and cfg.revisor.batch_size == 24
+    assert cfg.embed.temperature == 0.02
+    assert cfg.candidates.k == 5
+    assert cfg.judge.temperature == 0.0
+
+
+def test_yaml_and_overrides_fill_the_same_fields(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("seed:\n  num_examples: 10\nmodels:\n  teacher:\n    backend: llamacpp_server\n")
+    cfg = load_config(path, ["seed.num_examples=200", "models.teacher.model=qwen2.5-coder-0.5b-instruct"])
+    assert cfg.seed.num_examples == 200
+    assert cfg.models.teacher.backend == "llamacpp_server"
+    assert cfg.models.teacher.model == "qwen2.5-coder-0.5b-instruct"
+
+
+def test_misspelt_yaml_key_names_the_nearest(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("brainstrom:\n  calls_per_kind: 3\n")
+    with pytest.raises(ConfigError, match=r"'brainstrom'.*Did you mean 'brainstorm'\?"):
+        load_config(path)
+
+
+def test_misspelt_nested_yaml_key_names_the_nearest(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("senior:\n  betta: 0.2\n")
+    with pytest.raises(ConfigError, match=r"senior\.betta.*Did you mean 'beta'\?"):
+        load_config(path)
+
+
+def test_misspelt_override_names_the_nearest():
+    with pytest.raises(ConfigError, match=r"seed\.num_exampels.*Did you mean 'num_examples'\?"):
+        load_config(None, ["seed.num_exampels=5"])
+
+
+def test_wrong_type_names_the_key():
+    with pytest.raises(ConfigError, match=r"config key 'senior\.beta'"):
+        load_config(None, ["senior.beta=high"])
+
+
+def test_unknown_kind_in_mix_is_refused():
+    with pytest.raises(ConfigError, match="retrieval"):
+        load_config(None, ["synthesize.kind_mix={retreival: 1}"])
+
+
+def test_cli_exits_nonzero_naming_the_misspelt_key(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"run:\n  dir: {tmp_path / 'run'}\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "speed.cli", "run", str(path), "-o", "seed.num_exampels=5"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "num_exampels" in proc.stderr
+    assert "num_examples" in proc.stderr.split("num_exampels", 1)[1]
+    assert not (tmp_path / "run").exists()

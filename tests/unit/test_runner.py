@@ -1,0 +1,153 @@
+"""The stage runner: keys, skip, rerun downstream, atomic manifests, SIGKILL resume, CLI views."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from speed.config import ConfigError, load_config
+from speed.runner import Runner
+
+PLUGINS = Path(__file__).resolve().parents[1] / "plugins"
+sys.path.insert(0, str(PLUGINS))
+
+
+def write_config(tmp_path: Path, run: str, count: int = 12, delay: float = 0.0) -> Path:
+    path = tmp_path / f"{run}.yaml"
+    path.write_text(
+        f"""
+run: {{dir: {tmp_path / run}, seed: 7}}
+pipeline: {{stages: [numbers, total], plugins: [toy_stages]}}
+extra: {{numbers: {{count: {count}, delay: {delay}}}}}
+"""
+    )
+    return path
+
+
+def speed(*args: str, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": f"{PLUGINS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    return subprocess.run(
+        [sys.executable, "-m", "speed.cli", *args], capture_output=True, text=True, env=env, timeout=300, **kw
+    )
+
+
+def test_finished_stages_are_skipped_and_changes_rerun_downstream(tmp_path):
+    cfg = load_config(write_config(tmp_path, "r"))
+    runner = Runner(cfg)
+    assert [s.state for s in runner.run()] == ["done", "done"]
+    first = (tmp_path / "r" / "total" / "manifest.json").read_text()
+    # same config: nothing reruns
+    Runner(cfg).run()
+    assert (tmp_path / "r" / "total" / "manifest.json").read_text() == first
+    # upstream section changed: both stages stale, both rerun
+    cfg2 = load_config(write_config(tmp_path, "r", count=13))
+    assert [s.state for s in Runner(cfg2).status()] == ["stale", "stale"]
+    Runner(cfg2).run()
+    total = json.loads((tmp_path / "r" / "total" / "data.jsonl").read_text())
+    assert total["n"] == 13
+    # the seed is part of every key
+    cfg3 = load_config(write_config(tmp_path, "r", count=13), ["run.seed=8"])
+    assert [s.state for s in Runner(cfg3).status()] == ["stale", "stale"]
+
+
+def test_only_and_until(tmp_path):
+    cfg = load_config(write_config(tmp_path, "r"))
+    Runner(cfg).run(until="numbers")
+    assert [s.state for s in Runner(cfg).status()] == ["done", "pending"]
+    Runner(cfg).run(only="total")
+    assert [s.state for s in Runner(cfg).status()] == ["done", "done"]
+    with pytest.raises(ConfigError, match="Did you mean 'total'"):
+        Runner(cfg).run(only="totl")
+
+
+def test_only_refuses_a_stage_whose_input_is_missing(tmp_path):
+    proc = speed("run", str(write_config(tmp_path, "r")), "--only", "total")
+    assert proc.returncode != 0
+    assert "needs 'numbers'" in proc.stderr and "--until total" in proc.stderr
+
+
+def test_unknown_stage_in_pipeline(tmp_path):
+    cfg = load_config(write_config(tmp_path, "r"), ["pipeline.stages=[numbers, totl]"])
+    with pytest.raises(ConfigError, match="Did you mean 'total'"):
+        Runner(cfg)
+
+
+def test_sigkill_mid_stage_then_rerun_equals_uninterrupted_run(tmp_path):
+    # the uninterrupted reference
+    ref = speed("run", str(write_config(tmp_path, "ref", count=30)))
+    assert ref.returncode == 0, ref.stderr
+
+    cfg = write_config(tmp_path, "killed", count=30, delay=0.1)
+    env = {**os.environ, "PYTHONPATH": f"{PLUGINS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "speed.cli", "run", str(cfg)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    progress = tmp_path / "killed" / ".work" / "numbers" / "progress.txt"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if progress.exists() and len(progress.read_text().split()) >= 10:
+            break
+        time.sleep(0.05)
+    else:
+        proc.kill()
+        pytest.fail("the slow stage never made progress")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+    run = tmp_path / "killed"
+    assert not (run / "numbers" / "manifest.json").exists(), "a killed stage must not be taken as done"
+    assert not (run / "numbers").exists()
+    status = speed("status", str(run))
+    assert status.returncode == 0
+    assert "numbers" in status.stdout and "pending" in status.stdout
+
+    again = speed("run", str(write_config(tmp_path, "killed", count=30, delay=0.0)))
+    assert again.returncode == 0, again.stderr
+    for stage in ("numbers", "total"):
+        assert (run / stage / "data.jsonl").read_text() == (
+            tmp_path / "ref" / stage / "data.jsonl"
+        ).read_text()
+    # the calls finished before the kill were replayed from the ledger, not sent again
+    stats = json.loads((run / "numbers" / "manifest.json").read_text())["stats"]
+    assert stats["replayed"] >= 10 and stats["sent"] + stats["replayed"] == 30
+    assert stats["sent"] < 30
+
+
+def test_status_show_and_cost_on_a_finished_run(tmp_path):
+    assert speed("run", str(write_config(tmp_path, "r", count=5))).returncode == 0
+    run = str(tmp_path / "r")
+
+    status = speed("status", run)
+    assert status.returncode == 0
+    lines = {ln.split()[0]: ln.split() for ln in status.stdout.splitlines() if ln.split()}
+    assert lines["numbers"][1] == "done" and lines["numbers"][2] == "5" and lines["numbers"][3] == "5"
+    assert lines["total"][1] == "done"
+
+    show = speed("show", run, "numbers", "-n", "2")
+    assert show.returncode == 0
+    assert "5 rows; showing 2" in show.stdout and '"answer"' in show.stdout and "[2]" not in show.stdout
+    missing = speed("show", run, "nope")
+    assert missing.returncode != 0 and "finished: numbers, total" in missing.stderr
+
+    cost = speed("cost", run, "--json")
+    assert cost.returncode == 0
+    c = json.loads(cost.stdout)
+    assert c["teacher_by_stage"]["numbers"]["calls"] == 5
+    assert c["teacher_total"]["tokens_in"] == 15
+    table = speed("cost", run)
+    assert "numbers" in table.stdout and "total" in table.stdout
+
+
+def test_status_of_a_folder_that_is_no_run(tmp_path):
+    proc = speed("status", str(tmp_path))
+    assert proc.returncode == 2 and "not a run directory" in proc.stderr
