@@ -184,7 +184,14 @@ class SFTConfig(Section):
     lora_r: int = Field(16, gt=0)
     lora_alpha: int = Field(32, gt=0)
     lora_dropout: float = Field(0.05, ge=0, lt=1)
+    lora_target_modules: str | list[str] = Field(
+        "all-linear", description="Modules that get LoRA adapters (PEFT names; 'all-linear': every linear layer)."
+    )
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="auto: bf16 mixed precision where the GPU or CPU has bf16 units, else fp32."
+    )
+    gradient_checkpointing: bool = Field(False, description="Trade compute for memory (large models).")
 
 
 class CandidatesConfig(Section):
@@ -211,10 +218,18 @@ class DPOConfig(Section):
     per_device_batch_size: int = Field(4, gt=0)
     epochs: float = Field(1.0, gt=0)
     max_steps: int = Field(-1)
-    max_length: int = Field(2048, gt=0)
+    max_length: int = Field(2048, gt=0, description="Prompt plus the longer of chosen and rejected.")
     lora_r: int = Field(16, gt=0)
     lora_alpha: int = Field(32, gt=0)
     lora_dropout: float = Field(0.05, ge=0, lt=1)
+    lora_target_modules: str | list[str] = Field(
+        "all-linear", description="Modules that get LoRA adapters (PEFT names; 'all-linear': every linear layer)."
+    )
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="auto: bf16 mixed precision where the GPU or CPU has bf16 units, else fp32."
+    )
+    gradient_checkpointing: bool = Field(False, description="Trade compute for memory (large models).")
 
 
 class RevisionsConfig(Section):

@@ -1,0 +1,164 @@
+"""Supervised fine-tuning with LoRA: the junior generator and the data revisor.
+
+SPEED fine-tunes a small base model on the teacher's outputs: the junior on (generation prompt ->
+seed example), lr 1e-4, batch 16; the revisor on (generation prompt + generated example -> the
+teacher's revision), lr 5e-6, batch 24. Both are :func:`train_sft` with a different config.
+
+Design choices:
+- TRL's ``SFTTrainer`` with a PEFT ``LoraConfig``; the rows go in TRL's *conversational
+  prompt-completion* format (the prompt as a user message, the completion as the assistant's reply),
+  so the model's own chat template frames them exactly as a chat backend will at generation time,
+  and the loss is on the completion only (TRL's ``completion_only_loss`` for prompt-completion data).
+  The template's end-of-turn token ends each completion, so the model learns to stop.
+- Rows are not shuffled into an order of our own: TRL's sampler shuffles with ``seed``.
+- The result holds both the adapter (what the paper trains) and a merged model (what generation
+  backends load). The merged model keeps the dtype the base was saved in.
+- See :mod:`speed.training.common` for precision, devices and loss logging.
+
+Example::
+
+    from speed.config import SFTConfig
+    from speed.training.sft import train_sft
+
+    result = train_sft("path/to/base", [{"prompt": "Write JSON.", "completion": "{}"}],
+                       SFTConfig(max_steps=2, batch_size=1), out_dir=Path("out"), seed=0)
+    print(result.merged_dir, result.losses)
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from speed.config import SFTConfig
+from speed.training.common import (
+    TrainResult,
+    check_losses,
+    check_rows,
+    choose_precision,
+    device_name,
+    load_causal_lm,
+    load_tokenizer,
+    lora_config,
+    quiet_trainer,
+    require_training_stack,
+    save_adapter_and_merged,
+    saved_dtype,
+    set_threads,
+    trainer_args,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def to_conversational(rows: Sequence[Mapping[str, Any]], system: str | None = None) -> list[dict[str, Any]]:
+    """Plain ``{prompt, completion}`` rows as TRL conversational prompt-completion rows.
+
+    Args:
+        rows: rows with string fields ``prompt`` and ``completion``.
+        system: an optional system message put before every prompt.
+    """
+    out = []
+    for row in rows:
+        prompt = [{"role": "user", "content": row["prompt"]}]
+        if system:
+            prompt.insert(0, {"role": "system", "content": system})
+        out.append({"prompt": prompt, "completion": [{"role": "assistant", "content": row["completion"]}]})
+    return out
+
+
+def train_sft(
+    base_model: str | Path,
+    rows: Sequence[Mapping[str, Any]],
+    cfg: SFTConfig,
+    out_dir: str | Path,
+    seed: int,
+    *,
+    threads: int | None = None,
+    system: str | None = None,
+    what: str = "sft",
+) -> TrainResult:
+    """Fine-tune ``base_model`` with LoRA on prompt -> completion rows.
+
+    Args:
+        base_model: a transformers model folder (resolve packaged names with
+            :func:`speed.models.resolve_hf` first) or a hub name.
+        rows: ``{"prompt": str, "completion": str}`` each; other keys are ignored.
+        cfg: the SFT section (``junior`` or ``revisor``).
+        out_dir: where ``adapter/``, ``merged/`` and ``train_result.json`` are written.
+        seed: seed of LoRA init, data order and dropout.
+        threads: torch CPU threads (None: torch's default).
+        system: an optional system message (the same must then be used at generation).
+        what: the config section name, used in messages (``junior``, ``revisor``).
+
+    Returns:
+        The saved artifacts and per-step losses.
+
+    Raises:
+        TrainingInputError: empty rows, a missing or empty field, a batch size that does not divide,
+            or a tokenizer without a chat template.
+        RuntimeError: a non-finite loss.
+    """
+    check_rows(rows, ("prompt", "completion"), what)
+    require_training_stack()
+    import torch
+    from datasets import Dataset
+    from trl import SFTConfig as TRLSFTConfig
+    from trl import SFTTrainer
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    set_threads(threads)
+    torch.manual_seed(seed)
+    device = device_name()
+    precision = choose_precision(cfg.precision, device)
+
+    tokenizer = load_tokenizer(base_model)
+    model = load_causal_lm(base_model, device, precision)
+    args = TRLSFTConfig(
+        **trainer_args(out_dir=out_dir, cfg=cfg, seed=seed, device=device, precision=precision, what=what),
+        completion_only_loss=True,
+        packing=False,
+    )
+    dataset = Dataset.from_list(to_conversational(rows, system))
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules),
+    )
+    recorder = quiet_trainer(trainer, what)
+    logger.info(
+        "%s: LoRA SFT of %s on %d rows, %s, %s, lr %g, batch %d",
+        what,
+        base_model,
+        len(rows),
+        device,
+        precision,
+        cfg.learning_rate,
+        cfg.batch_size,
+    )
+    t0 = time.time()
+    trainer.train()
+    seconds = time.time() - t0
+    check_losses(recorder.losses, what)
+    adapter_dir, merged_dir = save_adapter_and_merged(
+        trainer.model, tokenizer, out_dir, saved_dtype(base_model)
+    )
+    result = TrainResult(
+        adapter_dir=adapter_dir,
+        merged_dir=merged_dir,
+        losses=recorder.losses,
+        steps=trainer.state.global_step,
+        rows=len(rows),
+        seconds=seconds,
+        device=device,
+        precision=precision,
+        metrics=recorder.metrics,
+    )
+    result.save(out_dir / "train_result.json")
+    return result

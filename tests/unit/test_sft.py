@@ -1,0 +1,117 @@
+"""LoRA SFT (junior, revisor) on a tiny random Llama built in the test."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from speed.config import SFTConfig
+from speed.training.common import TrainingInputError, choose_precision
+from speed.training.sft import to_conversational, train_sft
+from tiny import tiny_llama
+
+torch = pytest.importorskip("torch")
+
+ROWS = [
+    {
+        "prompt": f"Write one retrieval example about topic {i} as JSON.",
+        "completion": f'{{"user_query": "q{i}"}}',
+    }
+    for i in range(6)
+]
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory):
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("sft")
+    base = tiny_llama(root / "base")
+    cfg = SFTConfig(max_steps=3, batch_size=4, per_device_batch_size=2, learning_rate=1e-2, warmup_ratio=0)
+    return base, train_sft(base, ROWS, cfg, root / "out", seed=0, threads=1, what="junior")
+
+
+def test_sft_changes_weights_and_keeps_loss_finite(trained) -> None:
+    base, result = trained
+    assert result.steps == 3
+    assert len(result.losses) == 3
+    assert all(math.isfinite(v) for v in result.losses)
+    before, after = _weights(base), _weights(result.merged_dir)
+    assert before.keys() == after.keys()
+    changed = [k for k in before if not torch.equal(before[k].float(), after[k].float())]
+    assert any("q_proj" in k for k in changed), changed
+    assert (result.adapter_dir / "adapter_config.json").is_file()
+    assert (result.merged_dir / "tokenizer.json").is_file()
+    assert (result.merged_dir.parent / "train_result.json").is_file()
+
+
+def test_merged_model_loads_and_generates(trained) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, result = trained
+    tok = AutoTokenizer.from_pretrained(result.merged_dir)
+    model = AutoModelForCausalLM.from_pretrained(result.merged_dir)
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": ROWS[0]["prompt"]}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
+    out = model.generate(**ids, max_new_tokens=4, do_sample=False)
+    assert out.shape[1] > ids["input_ids"].shape[1]
+
+
+def test_stats_are_json_ready(trained) -> None:
+    import json
+
+    _, result = trained
+    stats = result.to_stats(result.merged_dir.parent)
+    json.dumps(stats)
+    assert stats["merged_dir"] == "merged"
+    assert stats["loss_first"] == result.losses[0]
+
+
+def test_rows_are_conversational_prompt_completion() -> None:
+    """TRL puts the loss on the completion only for this format."""
+    from trl.data_utils import is_conversational
+
+    rows = to_conversational(ROWS[:1], system="be brief")
+    assert is_conversational(rows[0])
+    assert rows[0]["prompt"][0] == {"role": "system", "content": "be brief"}
+    assert rows[0]["completion"] == [{"role": "assistant", "content": ROWS[0]["completion"]}]
+
+
+@pytest.mark.parametrize(
+    "rows, match",
+    [
+        ([], "no training rows"),
+        ([{"prompt": "p"}], "row 0 has no non-empty string field 'completion'"),
+        ([{"prompt": "p", "completion": "c"}, {"prompt": "  ", "completion": "c"}], "row 1 .* 'prompt'"),
+    ],
+)
+def test_bad_rows_name_the_row_and_field(tmp_path: Path, rows, match) -> None:
+    with pytest.raises(TrainingInputError, match=match):
+        train_sft(tmp_path / "none", rows, SFTConfig(), tmp_path / "out", seed=0, what="junior")
+
+
+def test_batch_that_does_not_divide_is_refused(tmp_path: Path) -> None:
+    base = tiny_llama(tmp_path / "base")
+    cfg = SFTConfig(batch_size=6, per_device_batch_size=4, max_steps=1)
+    with pytest.raises(TrainingInputError, match=r"junior.batch_size 6 is not a multiple"):
+        train_sft(base, ROWS, cfg, tmp_path / "out", seed=0, what="junior")
+
+
+def test_precision_choice() -> None:
+    assert choose_precision("fp32", "cpu") == "fp32"
+    assert choose_precision("bf16", "cpu") == "bf16"
+    assert choose_precision("auto", "cpu") in {"bf16", "fp32"}
