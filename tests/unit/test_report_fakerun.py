@@ -1,0 +1,197 @@
+"""A fake but realistic run directory for the report tests (no tests here; imported by them).
+
+The run has every stage of the pipeline finished, a real SQLite ledger written through
+:meth:`speed.ledger.Ledger.record`, manifests shaped as the runner writes them (calls per role taken
+from the ledger), synthesized examples, judge verdicts, evaluation results in ``evaluate_model``'s
+shape and a scaling plot. Its figures are known, so tests can check the report's arithmetic.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from pathlib import Path
+from typing import Any
+
+from speed.io import write_json, write_jsonl
+from speed.ledger import Ledger
+from speed.llm.base import Completion, Request
+
+XSS = "<script>alert(1)</script>"
+
+#: (stage, role, calls, tokens_in per call, tokens_out per call, errors)
+CALLS = [
+    ("brainstorm", "teacher", 4, 120, 80, 0),
+    ("seed", "teacher", 10, 300, 200, 1),
+    ("candidates", "junior", 6, 250, 900, 0),
+    ("judge", "teacher", 5, 1200, 60, 0),
+    ("revisions", "senior", 5, 250, 180, 0),
+    ("revisions", "teacher", 5, 500, 220, 0),
+    ("synthesize", "senior", 15, 250, 180, 0),
+    ("synthesize", "revisor", 15, 400, 180, 0),
+]
+TEACHER_CALLS = 4 + 10 + 5 + 5
+TEACHER_TOKENS = 4 * 200 + 10 * 500 + 5 * 1260 + 5 * 720
+DURATIONS = {
+    "topics": 0.2,
+    "brainstorm": 12.5,
+    "seed": 64.0,
+    "junior": 410.0,
+    "candidates": 95.0,
+    "judge": 31.0,
+    "senior": 380.0,
+    "revisions": 50.0,
+    "revisor": 300.0,
+    "synthesize": 720.0,
+    "embed": 240.0,
+    "evaluate": 88.0,
+}
+KINDS = {"retrieval": 5, "classification": 4, "sts": 3}
+FINAL = sum(KINDS.values())
+#: examples whose revision changed the senior's output (every even one; see synth_rows)
+CHANGED = 7
+DROPS = {"parse_error": 2, "duplicate": 1}
+SCORES = {
+    "STSBenchmark": ("STS", "cosine_spearman", 0.71, 0.82),
+    "SciFact": ("Retrieval", "ndcg_at_10", 0.52, 0.64),
+    "Banking77Classification": ("Classification", "accuracy", 0.70, 0.79),
+}
+
+
+def tiny_png(width: int = 4, height: int = 3) -> bytes:
+    """A valid RGB PNG, made without an imaging library."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    raw = b"".join(b"\x00" + b"\x2f\x6f\xde" * width for _ in range(height))
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
+    )
+
+
+def fill_ledger(ledger: Ledger) -> None:
+    for stage, role, n, tin, tout, errors in CALLS:
+        items = []
+        for i in range(n + errors):
+            req = Request.chat(f"{stage} {role} request {i}")
+            comp = (
+                Completion(texts=[f"answer {i}"], tokens_in=tin, tokens_out=tout, latency_s=0.5)
+                if i < n
+                else Completion(error="not JSON", tokens_in=tin, latency_s=0.5)
+            )
+            items.append((req.key(role, "m"), req, comp))
+        ledger.record(stage, role, "m", items)
+
+
+def synth_rows() -> list[dict[str, Any]]:
+    rows = []
+    for kind, n in KINDS.items():
+        for i in range(n):
+            example = {"user_query": f"query {i} about {kind}", "positive_document": f"document {i}"}
+            raw = '{"user_query": "q", "positive_document": "draft"}'
+            revised: Any = example if i % 2 == 0 else None
+            if kind == "sts" and i == 1:  # the same data as the senior's, formatted otherwise: unchanged
+                revised = '{"user_query":"q",  "positive_document":"draft"}'
+            if kind == "retrieval" and i == 0:
+                raw = f'Here is the JSON: {{"user_query": "{XSS}", "positive_document": "d"}}'
+                example = {"user_query": XSS, "positive_document": "a document & more"}
+                revised = example
+            rows.append(
+                {
+                    "kind": kind,
+                    "task": f"Retrieve {kind} documents for question {i}.",
+                    "prompt": f"Write one {kind} example as JSON.",
+                    "attributes": {"query_length": "less than 5 words"},
+                    "raw": raw,
+                    "revised": revised,
+                    "example": example,
+                }
+            )
+    return rows
+
+
+def judge_rows() -> list[dict[str, Any]]:
+    return [
+        {
+            "prompt": f"Write a retrieval example {i}.",
+            "chosen": '{"user_query": "good"}',
+            "rejected": '{"user_query": "bad"}',
+            "reason": f"Candidate {i} follows the length guideline; the other copies the query.",
+        }
+        for i in range(7)
+    ]
+
+
+def eval_results() -> dict[str, Any]:
+    def result(label: str, index: int) -> dict[str, Any]:
+        tasks = {
+            name: {"type": typ, "main_score_name": metric, "main_score": scores[index], "split": "test"}
+            for name, (typ, metric, *scores) in SCORES.items()
+        }
+        avg = sum(t["main_score"] for t in tasks.values()) / len(tasks)
+        return {
+            "model": label,
+            "instructions": index == 1,
+            "tasks": tasks,
+            "averages": {**{t["type"]: t["main_score"] for t in tasks.values()}, "average": avg},
+        }
+
+    return {**result("embed/model", 1), "baseline": result("all-MiniLM-L6-v2", 0)}
+
+
+def write_stage(run: Path, name: str, ledger: Ledger | None, stats: dict[str, Any]) -> Path:
+    folder = run / name
+    folder.mkdir(parents=True, exist_ok=True)
+    calls = {}
+    if ledger is not None:
+        calls = {role: t.to_dict() for (st, role), t in ledger.breakdown().items() if st == name}
+    write_json(
+        folder / "manifest.json",
+        {
+            "stage": name,
+            "key": f"key-{name}",
+            "speed_version": "0.1.0",
+            "upstream": {},
+            "finished_at": "2026-11-26T12:00:00+0000",
+            "duration_s": DURATIONS.get(name, 1.0),
+            "resumed": name == "synthesize",
+            "stats": stats,
+            "calls": calls,
+            "files": sorted(p.name for p in folder.iterdir()),
+        },
+    )
+    return folder
+
+
+def make_fake_run(run: Path, stages: tuple[str, ...] | None = None) -> Path:
+    """Write a run directory; ``stages`` limits which stages have finished (default: all)."""
+    run.mkdir(parents=True, exist_ok=True)
+    done = set(stages if stages is not None else DURATIONS)
+    ledger = Ledger(run / "ledger.sqlite")
+    try:
+        fill_ledger(ledger)
+        for name in DURATIONS:
+            if name not in done:
+                continue
+            stats: dict[str, Any] = {"count": 3}
+            if name == "synthesize":
+                rows = synth_rows()
+                write_jsonl(run / name / "data.jsonl", rows)
+                stats = {"count": len(rows), "drops": dict(DROPS), "shards": 1}
+            elif name == "judge":
+                rows = judge_rows()
+                write_jsonl(run / name / "data.jsonl", rows)
+                stats = {"count": len(rows), "drops": {"judge_unparsable": 1}}
+            elif name == "evaluate":
+                write_json(run / name / "results.json", eval_results())
+                (run / name / "scaling.png").write_bytes(tiny_png())
+                stats = {"count": len(SCORES)}
+            write_stage(run, name, ledger, stats)
+    finally:
+        ledger.close()
+    return run
