@@ -133,11 +133,8 @@ def to_flagembedding(rows: Sequence[dict[str, Any]], seed: int = 0) -> list[dict
 
 
 def _prepare(out: Path, overwrite: bool) -> Path:
-    if out.exists():
-        if not overwrite:
-            raise ExportError(
-                f"{out} already exists; choose another path or pass overwrite=True (--overwrite)"
-            )
+    if out.exists() and not overwrite:
+        raise ExportError(f"{out} already exists; choose another path or pass overwrite=True (--overwrite)")
     out.parent.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
 

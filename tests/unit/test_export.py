@@ -10,7 +10,10 @@ import pytest
 
 from speed.export import ExportError, export_run
 
-WORDS = "the a vaccine immune system battery review guitar song news river bank money loan water".split()
+WORDS = [
+    *("the", "a", "vaccine", "immune", "system", "battery", "review", "guitar"),
+    *("song", "news", "river", "bank", "money", "loan", "water"),
+]
 
 
 def fake_run(tmp_path: Path, n: int = 12) -> Path:
@@ -155,7 +158,7 @@ def test_export_errors_name_the_fix(tmp_path):
     with pytest.raises(ExportError, match="Did you mean 'flagembedding'"):
         export_run(run, "flagembedings", tmp_path / "x")
     export_run(run, "flagembedding", tmp_path / "fe.jsonl")
-    with pytest.raises(ExportError, match="already exists.*overwrite"):
+    with pytest.raises(ExportError, match=r"already exists.*overwrite"):
         export_run(run, "flagembedding", tmp_path / "fe.jsonl")
     assert export_run(run, "flagembedding", tmp_path / "fe.jsonl", overwrite=True).exists()
     (tmp_path / "hf").mkdir()
