@@ -1,0 +1,62 @@
+"""Task kinds, their prompts and topics (DESIGN.md, "Task kind").
+
+``get_kind(name)`` returns one of: retrieval, classification, sts, matching_short, matching_long,
+bitext. Importing this package registers them.
+"""
+
+# isort: off
+# imported in this order so that kind_names() lists the kinds as SPEED does (registration order)
+from speed.tasks import retrieval, classification, sts, matching, bitext  # noqa: F401
+
+# isort: on
+from speed.tasks.base import (
+    QUERY_FORMAT,
+    Example,
+    Judgement,
+    Revision,
+    TaskKind,
+    TaskList,
+    TemplateError,
+    UnknownKindError,
+    example_json,
+    format_query,
+    get_kind,
+    judge_prompt,
+    kind_names,
+    list_templates,
+    parse_judgement,
+    parse_revision,
+    register_kind,
+    render_template,
+    revise_prompt,
+    revision_schema,
+    revisor_prompt,
+    template_hash,
+    template_path,
+)
+
+__all__ = [
+    "QUERY_FORMAT",
+    "Example",
+    "Judgement",
+    "Revision",
+    "TaskKind",
+    "TaskList",
+    "TemplateError",
+    "UnknownKindError",
+    "example_json",
+    "format_query",
+    "get_kind",
+    "judge_prompt",
+    "kind_names",
+    "list_templates",
+    "parse_judgement",
+    "parse_revision",
+    "register_kind",
+    "render_template",
+    "revise_prompt",
+    "revision_schema",
+    "revisor_prompt",
+    "template_hash",
+    "template_path",
+]

@@ -1,0 +1,538 @@
+"""Task kinds: what one kind of synthetic example is, how it is asked for and how it is used.
+
+A :class:`TaskKind` gathers everything that differs between retrieval, classification, STS, matching
+and bitext examples (DESIGN.md, "Task kind"): the brainstorm prompt that asks the teacher for tasks
+tied to a topic, the attribute sampler with SPEED's distributions, the generation prompt, the output
+schema and the conversion of an example into training rows. A kind is mostly data; the one abstract
+method is :meth:`TaskKind.sample_attributes`.
+
+Design choices:
+- Prompts are template files of the package (``templates/*.txt``), written for this project, filled
+  with :class:`string.Template` (``$name``) so that the JSON braces in a prompt need no escaping.
+  Stage keys include :func:`template_hash` of the templates a stage uses, so editing a prompt
+  reruns exactly the stages that depend on it.
+- Guidelines are one per line in a ``<kind>_guidelines.txt`` template. A line whose placeholder
+  has the value ``None`` is left out: that is how attributes "added half of the time" (education
+  level, clarity and difficulty) appear or not. Retrieval shuffles their order per prompt (SPEED).
+- Attributes are plain JSON values so that they are stored beside each prompt and replayed.
+- The method-level prompts of the alignment stages (judge, revise, revisor) live here too, with the
+  pydantic schemas of the teacher's answers, because they are the same for every kind.
+- Parsing never raises on bad model output: it returns a :class:`~speed.data.parsing.ParseResult`
+  with a drop reason that the stage counts.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import logging
+import random
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping, Sequence
+from functools import cache
+from pathlib import Path
+from string import Template
+from typing import Any, ClassVar, Generic, TypeVar, cast
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from speed.data.parsing import ParseResult, parse_json
+
+logger = logging.getLogger(__name__)
+
+TEMPLATE_DIR = Path(__file__).parent / "templates"
+
+#: How the query side of every training row is written (E5, SPEED); documents get no prefix.
+QUERY_FORMAT = "Instruct: {task}\nQuery: {query}"
+
+#: SPEED's clarity values and weights (retrieval; reused for classification, see there).
+CLARITY = {"clear": 0.6, "understandable with some effort": 0.2, "ambiguous": 0.2}
+#: E5's education levels / difficulties, drawn uniformly.
+EDUCATION_LEVELS = ("high school", "college", "PhD")
+#: STS and bitext text units (SPEED weights).
+UNITS = {"sentence": 0.9, "phrase": 0.05, "passage": 0.05}
+
+
+class TemplateError(ValueError):
+    """A template is missing or a placeholder has no value; the message names both."""
+
+
+class UnknownKindError(KeyError):
+    """A task kind name that is not registered; the message suggests the nearest names."""
+
+    def __str__(self) -> str:  # KeyError would quote the whole message
+        return str(self.args[0])
+
+
+# --------------------------------------------------------------------------------------------
+# templates
+
+
+def template_path(name: str) -> Path:
+    """Path of the template ``name`` (without ``.txt``) shipped in the package.
+
+    Raises:
+        TemplateError: no such template; the message lists the near names.
+    """
+    path = TEMPLATE_DIR / f"{name}.txt"
+    if not path.is_file():
+        known = list_templates()
+        near = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+        hint = f" Did you mean {', '.join(repr(n) for n in near)}?" if near else ""
+        raise TemplateError(f"no prompt template '{name}' in {TEMPLATE_DIR}.{hint}")
+    return path
+
+
+def list_templates() -> list[str]:
+    """Names of all templates shipped in the package."""
+    return sorted(p.stem for p in TEMPLATE_DIR.glob("*.txt"))
+
+
+@cache
+def load_template(name: str) -> str:
+    """The raw text of template ``name`` (cached; templates are package data)."""
+    return template_path(name).read_text(encoding="utf-8")
+
+
+def _substitute(name: str, text: str, values: Mapping[str, Any]) -> str:
+    try:
+        return Template(text).substitute(values)
+    except KeyError as err:
+        key = err.args[0]
+        raise TemplateError(
+            f"template '{name}' needs a value for ${key}; pass {key}=... when rendering it"
+        ) from None
+    except ValueError as err:
+        raise TemplateError(
+            f"template '{name}' has a malformed placeholder ({err}); write $name or ${{name}}"
+        ) from None
+
+
+def render_template(name: str, **values: Any) -> str:
+    """Fill template ``name`` with ``values`` (extra values are ignored).
+
+    Raises:
+        TemplateError: the template is unknown or a placeholder it uses has no value.
+    """
+    return _substitute(name, load_template(name), values).strip() + "\n"
+
+
+def guideline_lines(name: str) -> list[str]:
+    """The non-empty lines of a guidelines template, one guideline each."""
+    return [line.strip() for line in load_template(name).splitlines() if line.strip()]
+
+
+def render_guidelines(name: str, values: Mapping[str, Any], order: Sequence[int] | None = None) -> str:
+    """Render a guidelines template as a bullet list.
+
+    Args:
+        name: the guidelines template.
+        values: placeholder values; a line using a placeholder whose value is ``None`` is left out.
+        order: a permutation of the template's line indices; ``None`` keeps the file's order.
+
+    Raises:
+        TemplateError: a placeholder has no value at all, or ``order`` is not a permutation.
+    """
+    lines = guideline_lines(name)
+    if order is None:
+        order = range(len(lines))
+    elif sorted(order) != list(range(len(lines))):
+        raise TemplateError(
+            f"guideline order {list(order)} is not a permutation of the {len(lines)} lines of '{name}'; "
+            "sample the attributes again with this package's templates"
+        )
+    out = []
+    for i in order:
+        line = lines[i]
+        ids = Template(line).get_identifiers()
+        if any(k in values and values[k] is None for k in ids):
+            continue
+        out.append("- " + _substitute(name, line, values))
+    return "\n".join(out)
+
+
+def template_hash(names: Iterable[str]) -> str:
+    """SHA-256 over the names and texts of templates: part of the key of a stage that uses them."""
+    h = hashlib.sha256()
+    for name in sorted(set(names)):
+        h.update(name.encode("utf-8") + b"\0" + load_template(name).encode("utf-8") + b"\0")
+    return h.hexdigest()
+
+
+def format_query(task: str, query: str) -> str:
+    """The query side of a training row: ``Instruct: {task}\\nQuery: {query}``."""
+    return QUERY_FORMAT.format(task=task.strip(), query=query.strip())
+
+
+def weighted_choice(rng: random.Random, weights: Mapping[Any, float]) -> Any:
+    """One key of ``weights`` drawn with probability proportional to its value."""
+    return rng.choices(list(weights), weights=list(weights.values()), k=1)[0]
+
+
+# --------------------------------------------------------------------------------------------
+# schemas
+
+
+class Example(BaseModel):
+    """Base of every kind's output schema.
+
+    Extra keys a model adds are ignored, whitespace is stripped and numbers become strings (small
+    models write ``"label": 3``). Emptiness is not checked here but by the ``empty_field`` filter, so
+    that such drops are counted under their own name.
+    """
+
+    model_config = ConfigDict(extra="ignore", str_strip_whitespace=True, coerce_numbers_to_str=True)
+
+    @classmethod
+    def json_schema(cls) -> dict[str, Any]:
+        """JSON schema for constrained decoding: every field required, no other keys."""
+        schema = cls.model_json_schema()
+        schema["additionalProperties"] = False
+        return schema
+
+
+class TaskList(BaseModel):
+    """The teacher's answer to a brainstorm prompt: ``{"tasks": [...]}`` (a bare list is accepted)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    tasks: list[str] = Field(description="One sentence per task: what the query is, what the documents are.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _accept_list(cls, data: Any) -> Any:
+        return {"tasks": data} if isinstance(data, list) else data
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _clean(cls, value: Any) -> Any:
+        if not isinstance(value, list):
+            return value
+        seen: set[str] = set()
+        tasks = []
+        for item in value:
+            if isinstance(item, dict):  # {"task": "..."} or {"description": "..."}
+                texts = [v for v in item.values() if isinstance(v, str)]
+                item = texts[0] if len(texts) == 1 else None
+            if not isinstance(item, str):
+                continue
+            text = re.sub(r"^\s*(?:\d+[.)]|[-*•])\s*", "", item).strip().strip('"').strip()
+            if text and text.casefold() not in seen:
+                seen.add(text.casefold())
+                tasks.append(text)
+        return tasks
+
+    @field_validator("tasks")
+    @classmethod
+    def _not_empty(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("no task left after dropping empty and repeated entries")
+        return value
+
+
+# --------------------------------------------------------------------------------------------
+# the task kind
+
+
+Row = dict[str, str | None]
+
+
+class TaskKind(ABC):
+    """One kind of synthetic example. Subclasses are mostly data; they implement the sampler.
+
+    Class attributes:
+        name: the kind's name in configs (``retrieval``, ``sts``, ...).
+        schema: the pydantic model of one example.
+        brainstormed: whether tasks come from the teacher (else ``fixed_tasks`` are used).
+        fixed_tasks: the task descriptions of a kind that is not brainstormed (E5's instructions).
+        query_field / positive_field / negative_field: the roles of the schema's fields in a
+            training row (``negative_field`` may be None).
+        label_fields: short label fields, exempt from length checks.
+        shuffle_guidelines: whether the guideline order is drawn per prompt.
+    """
+
+    name: ClassVar[str]
+    schema: ClassVar[type[Example]]
+    brainstormed: ClassVar[bool] = True
+    fixed_tasks: ClassVar[tuple[str, ...]] = ()
+    query_field: ClassVar[str]
+    positive_field: ClassVar[str]
+    negative_field: ClassVar[str | None] = None
+    label_fields: ClassVar[tuple[str, ...]] = ()
+    shuffle_guidelines: ClassVar[bool] = False
+
+    @abstractmethod
+    def sample_attributes(self, rng: random.Random, language: str = "English") -> dict[str, Any]:
+        """Draw the attributes of one generation prompt (SPEED's distributions).
+
+        Args:
+            rng: the only source of randomness, so that a seed fixes every prompt.
+            language: the language the example is written in (SPEED: English).
+
+        Returns:
+            JSON-serializable values; ``None`` marks an optional attribute left out this time.
+        """
+
+    # -- templates ---------------------------------------------------------------------------
+
+    @property
+    def brainstorm_template(self) -> str | None:
+        """Name of the brainstorm template, or None for kinds that are not brainstormed."""
+        return f"{self.name}_brainstorm" if self.brainstormed else None
+
+    @property
+    def generate_template(self) -> str:
+        return f"{self.name}_generate"
+
+    @property
+    def guidelines_template(self) -> str:
+        return f"{self.name}_guidelines"
+
+    def template_names(self) -> tuple[str, ...]:
+        """Every template this kind renders."""
+        names = [self.generate_template, self.guidelines_template]
+        if self.brainstorm_template:
+            names.insert(0, self.brainstorm_template)
+        return tuple(names)
+
+    def template_paths(self) -> tuple[Path, ...]:
+        return tuple(template_path(n) for n in self.template_names())
+
+    def template_hash(self) -> str:
+        """Hash of this kind's templates (for stage keys)."""
+        return template_hash(self.template_names())
+
+    # -- brainstorming -------------------------------------------------------------------------
+
+    def brainstorm_prompt(self, topic: str, n: int = 5) -> str:
+        """The prompt asking the teacher for ``n`` tasks of this kind tied to ``topic``.
+
+        Raises:
+            ValueError: the kind is not brainstormed; use ``fixed_tasks``.
+        """
+        if not self.brainstorm_template:
+            raise ValueError(
+                f"task kind '{self.name}' is not brainstormed; its tasks are {list(self.fixed_tasks)}"
+            )
+        if n < 1:
+            raise ValueError(f"brainstorm n must be at least 1, got {n}")
+        return render_template(self.brainstorm_template, topic=topic, n=n)
+
+    def parse_tasks(self, text: str) -> ParseResult[TaskList]:
+        """Parse the teacher's task list; a drop reason instead of an exception on bad output."""
+        return parse_json(text, TaskList)
+
+    # -- generation ----------------------------------------------------------------------------
+
+    def num_guidelines(self) -> int:
+        return len(guideline_lines(self.guidelines_template))
+
+    def guideline_order(self, rng: random.Random) -> list[int] | None:
+        """A random permutation of the guidelines if this kind shuffles them, else None."""
+        if not self.shuffle_guidelines:
+            return None
+        order = list(range(self.num_guidelines()))
+        rng.shuffle(order)
+        return order
+
+    def generation_prompt(self, task: str, attributes: Mapping[str, Any]) -> str:
+        """The prompt asking a generator for one example of ``task`` with ``attributes``.
+
+        Raises:
+            TemplateError: an attribute the templates need is missing.
+        """
+        values = {"task": task, **attributes}
+        guidelines = render_guidelines(self.guidelines_template, values, attributes.get("guideline_order"))
+        return render_template(self.generate_template, **values, guidelines=guidelines)
+
+    def json_schema(self) -> dict[str, Any]:
+        """The output schema as JSON schema, for constrained decoding."""
+        return self.schema.json_schema()
+
+    def fields(self) -> tuple[str, ...]:
+        return tuple(self.schema.model_fields)
+
+    def parse(self, text: str) -> ParseResult[Example]:
+        """Parse a generator's output into this kind's schema (never raises on bad output)."""
+        return parse_json(text, self.schema)
+
+    # -- filtering hooks -----------------------------------------------------------------------
+
+    def requested_words(self, attributes: Mapping[str, Any]) -> dict[str, int]:
+        """Minimum word counts the prompt asked for, per field (for the ``too_short`` filter)."""
+        return {}
+
+    def field_languages(self, attributes: Mapping[str, Any]) -> dict[str, str]:
+        """The language each text field must be written in (for the ``wrong_language`` filter)."""
+        language = attributes.get("language") or "English"
+        return {f: language for f in self.fields() if f not in self.label_fields}
+
+    # -- training rows -------------------------------------------------------------------------
+
+    def to_rows(self, task: str, example: Example | Mapping[str, Any]) -> list[Row]:
+        """Training rows of one example: ``instruction``, ``query`` (with the instruction),
+        ``positive`` and ``negative`` (None when the kind has no negative)."""
+        data = example.model_dump() if isinstance(example, BaseModel) else dict(example)
+        negative = data.get(self.negative_field) if self.negative_field else None
+        return [
+            {
+                "instruction": task,
+                "query": format_query(task, str(data[self.query_field])),
+                "positive": str(data[self.positive_field]),
+                "negative": None if negative is None else str(negative),
+            }
+        ]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"
+
+
+# --------------------------------------------------------------------------------------------
+# registry
+
+_KINDS: dict[str, TaskKind] = {}
+
+K = TypeVar("K", bound=type[TaskKind])
+
+
+def register_kind(cls: K) -> K:
+    """Class decorator: make a kind available to :func:`get_kind` under ``cls.name``."""
+    _KINDS[cls.name] = cls()
+    return cls
+
+
+def kind_names() -> list[str]:
+    """Names of the registered kinds."""
+    return list(_KINDS)
+
+
+def get_kind(name: str) -> TaskKind:
+    """The registered task kind called ``name``.
+
+    Raises:
+        UnknownKindError: no such kind; the message suggests the nearest names.
+    """
+    try:
+        return _KINDS[name]
+    except KeyError:
+        near = difflib.get_close_matches(name, list(_KINDS), n=2, cutoff=0.5)
+        hint = f" Did you mean {' or '.join(repr(n) for n in near)}?" if near else ""
+        raise UnknownKindError(
+            f"unknown task kind '{name}'; known kinds: {', '.join(_KINDS)}.{hint}"
+        ) from None
+
+
+# --------------------------------------------------------------------------------------------
+# alignment prompts (judge, revise, revisor): the same for every kind
+
+JUDGE_TEMPLATE = "judge"
+REVISE_TEMPLATE = "revise"
+REVISOR_TEMPLATE = "revisor"
+
+E = TypeVar("E", bound=BaseModel)
+
+
+def example_json(example: BaseModel | Mapping[str, Any]) -> str:
+    """An example as the compact JSON text models are trained to write (keys in schema order)."""
+    data = example.model_dump() if isinstance(example, BaseModel) else dict(example)
+    return json.dumps(data, ensure_ascii=False)
+
+
+class Judgement(BaseModel):
+    """The teacher's verdict on K candidates: 1-based indices of the best and the worst."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    reason: str = Field("", description="Why the best beats the others and the worst loses.")
+    best: int = Field(ge=1, description="Number of the best candidate, as shown in the prompt (from 1).")
+    worst: int = Field(ge=1, description="Number of the worst candidate, as shown in the prompt (from 1).")
+
+    @field_validator("best", "worst", mode="before")
+    @classmethod
+    def _number_in_text(cls, value: Any) -> Any:
+        # "Candidate 3" or "#3" -> 3
+        if isinstance(value, str):
+            digits = re.findall(r"\d+", value)
+            if len(digits) == 1:
+                return int(digits[0])
+        return value
+
+    @model_validator(mode="after")
+    def _distinct(self) -> Judgement:
+        if self.best == self.worst:
+            raise ValueError(f"best and worst are both candidate {self.best}; they must differ")
+        return self
+
+
+class Revision(BaseModel, Generic[E]):
+    """The teacher's revision: a reason and the revised example of the kind's schema."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    reason: str = Field(
+        "", description="What was wrong and what changed (relevance, completeness, accuracy)."
+    )
+    revised: E = Field(description="The revised example, same fields as the generator's output.")
+
+
+def judge_prompt(generation_prompt: str, candidates: Sequence[str]) -> str:
+    """The prompt showing the teacher a generation prompt and its numbered candidates (from 1).
+
+    Raises:
+        ValueError: fewer than two candidates.
+    """
+    if len(candidates) < 2:
+        raise ValueError(f"the judge needs at least 2 candidates, got {len(candidates)}")
+    shown = "\n\n".join(f"Candidate {i}:\n{c.strip()}" for i, c in enumerate(candidates, start=1))
+    return render_template(
+        JUDGE_TEMPLATE,
+        generation_prompt=generation_prompt.strip(),
+        candidates=shown,
+        num_candidates=len(candidates),
+    )
+
+
+def parse_judgement(text: str, num_candidates: int) -> ParseResult[Judgement]:
+    """Parse the judge's answer; indices outside ``1..num_candidates`` are a drop."""
+    result = parse_json(text, Judgement)
+    if result.value is not None:
+        bad = [i for i in (result.value.best, result.value.worst) if i > num_candidates]
+        if bad:
+            return ParseResult(
+                None,
+                "judge_index_out_of_range",
+                f"candidate {bad[0]} named, but only {num_candidates} were shown",
+                result.repaired,
+            )
+    return result
+
+
+def revise_prompt(generation_prompt: str, example: str | BaseModel | Mapping[str, Any]) -> str:
+    """The prompt showing the teacher a generation prompt and one generated example."""
+    shown = example if isinstance(example, str) else example_json(example)
+    return render_template(
+        REVISE_TEMPLATE, generation_prompt=generation_prompt.strip(), example=shown.strip()
+    )
+
+
+@cache
+def revision_schema(kind_name: str) -> type[Revision[Any]]:
+    """The pydantic model of the teacher's revision for one kind (``reason`` + ``revised``)."""
+    generic: Any = Revision  # parametrized at run time with the kind's schema
+    return cast(type[Revision[Any]], generic[get_kind(kind_name).schema])
+
+
+def parse_revision(text: str, kind: TaskKind | str) -> ParseResult[Revision[Any]]:
+    """Parse the teacher's revision; ``revised`` is validated against the kind's schema."""
+    name = kind if isinstance(kind, str) else kind.name
+    return parse_json(text, revision_schema(name))
+
+
+def revisor_prompt(generation_prompt: str, example: str | BaseModel | Mapping[str, Any]) -> str:
+    """The data revisor's input; its training target is :func:`example_json` of the revision."""
+    shown = example if isinstance(example, str) else example_json(example)
+    return render_template(
+        REVISOR_TEMPLATE, generation_prompt=generation_prompt.strip(), example=shown.strip()
+    )
