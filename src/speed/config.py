@@ -279,6 +279,13 @@ class EmbedConfig(Section):
     max_steps: int = Field(-1)
     max_length: int = Field(512, gt=0)
     lora_r: int | None = Field(16, description="LoRA rank for decoder LLMs; None: full fine-tuning.")
+    lora_alpha: int = Field(32, gt=0, description="LoRA alpha (E5: 32).")
+    lora_dropout: float = Field(0.1, ge=0, lt=1, description="LoRA dropout (E5: 0.1).")
+    merge_lora: bool = Field(
+        True, description="Merge LoRA adapters into the saved weights (a plain model folder); False: "
+        "save the adapter only, which needs the base model to load."
+    )
+    gradient_checkpointing: bool = Field(False, description="Trade compute for memory (large decoders).")
     pooling: Literal["auto", "mean", "cls", "lasttoken"] = "auto"
     use_instructions: bool = True
     extra_data: list[str] = Field(default_factory=list, description="Labelled data to mix in (JSONL).")
@@ -292,6 +299,10 @@ class EvaluateConfig(Section):
         None, description="Folder in the layout of shared/eval; None: $SPEED_EVAL_DIR."
     )
     baseline: str | None = Field(None, description="Model evaluated beside the trained one.")
+    instructions: bool = Field(
+        True, description="Give the trained model E5-style per-task instructions on the query side "
+        "(set it as embed.use_instructions); the baseline is evaluated without."
+    )
     batch_size: int = Field(64, gt=0)
 
 
