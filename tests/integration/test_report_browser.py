@@ -104,7 +104,8 @@ def test_full_report_in_chromium(browser: Any, tmp_path: Path) -> None:
         assert p.visible_rows("stage-table") == 12
         assert p.visible_rows("sample-table") == FINAL
         assert p.visible_rows("verdict-table") == 7
-        assert page.locator("img[alt='evaluate/scaling.png']").evaluate("img => img.naturalWidth") == 4
+        assert page.locator("img[alt='evaluate/scale/scale_plot.png']").evaluate("i => i.naturalWidth") == 4
+        assert p.visible_rows("scale-table") == 3
 
         # the <script> in model text is text on the page, not an element, and never ran
         sample_text = page.locator("#sample-table").inner_text()

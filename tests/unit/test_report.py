@@ -119,10 +119,26 @@ def test_eval_scores(full_run: Path) -> None:
     assert "82.00" in page and "71.00" in page and "+11.00" in page
 
 
-def test_plot_is_embedded(full_run: Path) -> None:
-    assert _summary(full_run)["plots"] == ["evaluate/scaling.png"]
+def test_scale_study_and_plot(full_run: Path) -> None:
+    s = _summary(full_run)
+    assert s["plots"] == ["evaluate/scale/scale_plot.png"]
+    assert [p["n"] for p in s["scale"]["points"]] == [100, 200, 400]
+    assert s["scale"]["fit"] == {"a": 0.268, "b": 0.0721, "r2": 0.99}
     page = (full_run / "report.html").read_text(encoding="utf-8")
     assert 'src="data:image/png;base64,iVBORw0KGgo' in page
+    assert page.count("<img ") == 1
+    assert "70.00" in page  # n=400 average, x100
+
+
+def test_large_plot_is_linked_not_embedded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from speed.report import render
+
+    monkeypatch.setattr(render, "MAX_EMBED_BYTES", 10)
+    run = make_fake_run(tmp_path / "run")
+    build_report(run)
+    page = (run / "report.html").read_text(encoding="utf-8")
+    assert 'src="evaluate/scale/scale_plot.png"' in page
+    assert "data:image/png" not in page
 
 
 def test_model_text_is_escaped(full_run: Path) -> None:

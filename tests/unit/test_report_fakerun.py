@@ -57,6 +57,15 @@ SCORES = {
     "Banking77Classification": ("Classification", "accuracy", 0.70, 0.79),
 }
 
+#: what speed.evaluation.scale.scale_study writes (the fields the report reads)
+SCALE_STUDY = {
+    "model": "all-MiniLM-L6-v2",
+    "tasks": list(SCORES),
+    "points": [{"n": 400, "average": 0.70}, {"n": 100, "average": 0.60}, {"n": 200, "average": 0.65}],
+    "fit": {"a": 0.268, "b": 0.0721, "r2": 0.99, "n_points": 3},
+    "baseline_average": 0.643,
+}
+
 
 def tiny_png(width: int = 4, height: int = 3) -> bytes:
     """A valid RGB PNG, made without an imaging library."""
@@ -189,7 +198,9 @@ def make_fake_run(run: Path, stages: tuple[str, ...] | None = None) -> Path:
                 stats = {"count": len(rows), "drops": {"judge_unparsable": 1}}
             elif name == "evaluate":
                 write_json(run / name / "results.json", eval_results())
-                (run / name / "scaling.png").write_bytes(tiny_png())
+                (run / name / "scale").mkdir()
+                (run / name / "scale" / "scale_plot.png").write_bytes(tiny_png())
+                write_json(run / name / "scale" / "scale_study.json", SCALE_STUDY)
                 stats = {"count": len(SCORES)}
             write_stage(run, name, ledger, stats)
     finally:

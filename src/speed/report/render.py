@@ -118,6 +118,7 @@ def render_html(
         fmt_duration=_fmt_duration,
         pretty=_pretty,
         when=_when,
+        log=lambda n: math.log(n) if n and n > 0 else math.nan,
         revised=revision_changed,
     )
     template = env.from_string(_resource("report.html"))

@@ -138,8 +138,8 @@ def collect_stages(run_dir: Path, warnings: _Warnings) -> list[dict[str, Any]]:
         else:
             state = states.get(name, "done")
         m = manifest or {}
-        stats = m.get("stats") if isinstance(m.get("stats"), Mapping) else {}
-        calls = m.get("calls") if isinstance(m.get("calls"), Mapping) else {}
+        stats: Mapping[str, Any] = m["stats"] if isinstance(m.get("stats"), Mapping) else {}
+        calls: Mapping[str, Any] = m["calls"] if isinstance(m.get("calls"), Mapping) else {}
         drops = _drops(stats)
         out.append(
             {
@@ -357,7 +357,7 @@ def _task_scores(obj: Any) -> dict[str, dict[str, Any]]:
     """Task -> {score, type, metric} from an ``evaluate_model`` result or a plain task -> score map."""
     if not isinstance(obj, Mapping):
         return {}
-    tasks = obj.get("tasks") if isinstance(obj.get("tasks"), Mapping) else obj
+    tasks: Mapping[str, Any] = obj["tasks"] if isinstance(obj.get("tasks"), Mapping) else obj
     out: dict[str, dict[str, Any]] = {}
     for name, entry in tasks.items():
         if isinstance(entry, Mapping):
@@ -456,10 +456,45 @@ def collect_eval(run_dir: Path, warnings: _Warnings) -> dict[str, Any] | None:
 # plots
 
 
+def _outside_work(run_dir: Path, path: Path) -> bool:
+    return ".work" not in path.relative_to(run_dir).parts
+
+
 def find_plots(run_dir: Path) -> list[Path]:
-    """PNG plots of the run: scaling plots anywhere, and any PNG of the evaluate stage."""
-    found = set(run_dir.glob("**/scaling*.png")) | set((run_dir / "evaluate").glob("*.png"))
-    return sorted((p for p in found if ".work" not in p.relative_to(run_dir).parts), key=str)
+    """PNG plots of the run: scale-study plots anywhere (``scale_plot.png``, ``scaling*.png``) and
+    any PNG of the evaluate stage; never from unfinished work folders."""
+    found = set(run_dir.glob("**/scal*.png")) | set((run_dir / "evaluate").glob("*.png"))
+    return sorted((p for p in found if _outside_work(run_dir, p)), key=str)
+
+
+def collect_scale(run_dir: Path, warnings: _Warnings) -> dict[str, Any] | None:
+    """Points and log-linear fit of a scale study (``scale_study.json`` of
+    :func:`speed.evaluation.scale.scale_study`), when the run holds one."""
+    paths = sorted(p for p in run_dir.glob("**/scale_study.json") if _outside_work(run_dir, p))
+    if not paths:
+        return None
+    path = paths[0]
+    try:
+        data = read_json(path)
+    except (OSError, ValueError) as err:
+        warnings.add(f"{path} is unreadable ({err}); the scale study is left out")
+        return None
+    if not isinstance(data, Mapping) or not isinstance(data.get("points"), list):
+        warnings.add(f"{path} holds no 'points' list; the scale study is left out")
+        return None
+    points = [
+        {"n": int(p["n"]), "average": float(p["average"])}
+        for p in data["points"]
+        if isinstance(p, Mapping) and _num(p.get("n")) is not None and _num(p.get("average")) is not None
+    ]
+    fit: Mapping[str, Any] = data["fit"] if isinstance(data.get("fit"), Mapping) else {}
+    return {
+        "file": str(path.relative_to(run_dir)),
+        "tasks": list(data.get("tasks") or []),
+        "points": sorted(points, key=lambda p: p["n"]),
+        "fit": {k: _num(fit.get(k)) for k in ("a", "b", "r2")},
+        "baseline_average": _num(data.get("baseline_average")),
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -487,6 +522,7 @@ def collect_summary(
     judge_count, verdicts = collect_judgements(run_dir, judge_samples, warnings)
     evaluation = collect_eval(run_dir, warnings)
     plots = find_plots(run_dir)
+    scale = collect_scale(run_dir, warnings)
     done = [s for s in stages if s["state"] == "done"]
     summary = {
         "summary_version": SUMMARY_VERSION,
@@ -500,6 +536,7 @@ def collect_summary(
         "examples": examples,
         "judge": {"verdicts": judge_count},
         "eval": evaluation,
+        "scale": scale,
         "plots": [str(p.relative_to(run_dir)) for p in plots],
         "warnings": list(warnings),
     }
