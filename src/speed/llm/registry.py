@@ -1,0 +1,157 @@
+"""From a role's :class:`~speed.config.ModelSpec` to a running :class:`~speed.llm.base.Backend`.
+
+Design choices:
+- A registry of *module paths*, not classes: a backend's module (and its heavy dependency: llama.cpp,
+  torch, vLLM) is imported only when a spec names it, so ``import speed`` stays light and a machine
+  without vLLM can still run the llama.cpp backends.
+- A missing dependency raises :class:`MissingDependencyError` (an ``ImportError``) whose message holds
+  the pip command that installs it, e.g. ``pip install 'speed[llamacpp]'``.
+- Every backend class has ``from_spec(spec, threads=..., model_path=...)``; ``model_path`` replaces
+  ``spec.model`` (stages pass trained weights from the run: a merged folder or a LoRA adapter folder).
+- Plugins may add a backend with :func:`register_backend`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import importlib.util
+import logging
+from dataclasses import dataclass
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from speed.config import ModelSpec
+    from speed.llm.base import Backend
+
+logger = logging.getLogger(__name__)
+
+
+class MissingDependencyError(ImportError):
+    """A backend's library is not installed; the message names the pip command."""
+
+
+@dataclass(frozen=True)
+class _Entry:
+    module: str
+    cls: str
+    extra: str | None
+
+
+_REGISTRY: dict[str, _Entry] = {
+    "openai": _Entry("speed.llm.openai_api", "OpenAIBackend", None),
+    "llamacpp": _Entry("speed.llm.llamacpp", "LlamaCppBackend", "llamacpp"),
+    "llamacpp_server": _Entry("speed.llm.server", "LlamaCppServerBackend", "llamacpp"),
+    "hf": _Entry("speed.llm.hf", "HFBackend", "train"),
+    "vllm": _Entry("speed.llm.vllm", "VLLMBackend", "vllm"),
+}
+
+
+def require(module: str, *, extra: str, what: str) -> ModuleType:
+    """Import a heavy dependency or raise with the install hint.
+
+    Args:
+        module: the module to import (``llama_cpp``, ``vllm``, ``torch``...).
+        extra: the speed extra that installs it (``llamacpp``, ``vllm``, ``train``).
+        what: who needs it, for the message ("the llamacpp backend").
+
+    Raises:
+        MissingDependencyError: the module (or one it imports) is not installed.
+    """
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise MissingDependencyError(
+            f"{what} needs the Python package '{module}', which is not installed "
+            f"({err}). Install it with: pip install 'speed[{extra}]'"
+        ) from err
+
+
+def require_installed(modules: tuple[str, ...], *, extra: str, what: str) -> None:
+    """Check that top-level modules are installed without importing them (for a child process).
+
+    Raises:
+        MissingDependencyError: one is missing; the message has the pip command.
+    """
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise MissingDependencyError(
+            f"{what} needs the Python package(s) {', '.join(missing)}, not installed. "
+            f"Install them with: pip install 'speed[{extra}]'"
+        )
+
+
+def register_backend(name: str, module: str, cls: str, extra: str | None = None) -> None:
+    """Make a backend class available to :func:`load_backend` under ``name``.
+
+    Args:
+        name: the ``backend`` value of a model spec.
+        module: the module holding the class (imported when first used).
+        cls: the class name; it must have a ``from_spec`` classmethod like the built-in backends.
+        extra: the speed extra that installs its dependencies, for the error message.
+    """
+    _REGISTRY[name] = _Entry(module, cls, extra)
+
+
+def backend_names() -> list[str]:
+    """Names accepted as ``ModelSpec.backend``."""
+    return sorted(_REGISTRY)
+
+
+def load_backend(
+    spec: ModelSpec,
+    *,
+    threads: int | None = None,
+    model_path: str | None = None,
+) -> Backend:
+    """Build the backend a model spec describes.
+
+    Args:
+        spec: the role's model spec.
+        threads: CPU threads when ``spec.threads`` is unset (the run-wide ``run.threads``); 1 if both
+            are unset.
+        model_path: weights to load instead of ``spec.model`` (a trained folder or adapter of the run).
+
+    Returns:
+        A ready backend; close it (or use it as a context manager) to free the model or the server.
+
+    Raises:
+        ValueError: an unknown backend name (with the nearest known one).
+        MissingDependencyError: the backend's library is not installed (with the pip command).
+    """
+    entry = _REGISTRY.get(spec.backend)
+    if entry is None:
+        near = difflib.get_close_matches(spec.backend, list(_REGISTRY), n=1)
+        hint = f" Did you mean '{near[0]}'?" if near else ""
+        raise ValueError(
+            f"unknown backend '{spec.backend}' (model spec field 'backend'); known: "
+            f"{', '.join(backend_names())}.{hint}"
+        )
+    module = importlib.import_module(entry.module)
+    cls: Any = getattr(module, entry.cls)
+    n_threads = spec.threads or threads or 1
+    logger.debug(
+        "loading backend %s (model %s, threads %d)", spec.backend, model_path or spec.model, n_threads
+    )
+    backend: Backend = cls.from_spec(spec, threads=n_threads, model_path=model_path)
+    return backend
+
+
+def spec_options(spec: ModelSpec, allowed: dict[str, Any], backend: str) -> dict[str, Any]:
+    """``spec.options`` checked against the keys a backend knows, with their defaults filled in.
+
+    Raises:
+        ValueError: an unknown key, naming the nearest known one.
+    """
+    out = dict(allowed)
+    for key, value in spec.options.items():
+        if key not in allowed:
+            near = difflib.get_close_matches(key, list(allowed), n=1)
+            hint = f" Did you mean '{near[0]}'?" if near else ""
+            raise ValueError(
+                f"unknown option '{key}' in model spec field 'options' for backend '{backend}'; "
+                f"known: {', '.join(sorted(allowed)) or 'none'}.{hint}"
+            )
+        out[key] = value
+    return out

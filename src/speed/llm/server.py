@@ -1,0 +1,463 @@
+"""A local llama.cpp server that speed starts, talks to over HTTP, and stops.
+
+``backend: llamacpp_server`` runs the model in its own process (``llama_cpp.server``, the ``[server]``
+extra of llama-cpp-python) on 127.0.0.1 and sends requests to it with the OpenAI-compatible client
+(:mod:`speed.llm.openai_api`), so the teacher of the quickstart is called exactly as an API teacher
+would be: same retries, same ledger, same cost report. ``speed serve MODEL`` (:func:`serve`) starts
+the same server in the foreground for other programs.
+
+Design choices:
+- A free port is taken from the OS (bind to port 0); if another process grabs it before the server
+  binds, start-up is retried on a new port.
+- Start-up waits until ``GET /v1/models`` answers; a server that exits first raises with the tail of
+  its log. The log goes to a file (``log_path``, default ``$SPEED_CACHE/logs/``), never to our stdout.
+- The server runs in its own process group and is stopped (SIGTERM to the group, then SIGKILL) by
+  :meth:`LlamaCppServer.stop`: on ``close()``, on leaving a ``with`` block (errors and Ctrl-C
+  included) and at interpreter exit (``atexit``). If our process is killed outright, a watchdog in
+  the server process (:mod:`speed.llm._server_child`) ends it within a second or two.
+- llama-cpp-python's server runs one request at a time and ignores ``n`` (the client then asks once
+  per sample); a concurrency of 2 keeps one request queued so the model never waits on HTTP.
+- The schema goes in ``{"type": "json_object", "schema": ...}``, the form that server understands;
+  it turns the schema into a grammar, so the output follows it.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import httpx
+
+from speed.llm.base import Backend, BackendError, Completion, Request
+from speed.llm.openai_api import OpenAIBackend
+from speed.llm.registry import require_installed, spec_options
+from speed.models import cache_dir, resolve_gguf
+
+if TYPE_CHECKING:
+    from speed.config import ModelSpec
+
+logger = logging.getLogger(__name__)
+
+_LIVE: weakref.WeakSet[LlamaCppServer] = weakref.WeakSet()
+_ATEXIT_LOCK = threading.Lock()
+_ATEXIT_REGISTERED = False
+
+
+def _stop_all() -> None:
+    for server in list(_LIVE):
+        with contextlib.suppress(Exception):
+            server.stop()
+
+
+def _register_atexit() -> None:
+    global _ATEXIT_REGISTERED
+    with _ATEXIT_LOCK:
+        if not _ATEXIT_REGISTERED:
+            atexit.register(_stop_all)
+            _ATEXIT_REGISTERED = True
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+class LlamaCppServer:
+    """One ``llama_cpp.server`` process serving one GGUF model.
+
+    Args:
+        gguf: the GGUF file.
+        threads: CPU threads for generation and prompt processing.
+        n_ctx: context length.
+        host: address to bind; 127.0.0.1 keeps the server private to this machine.
+        port: port to bind; None takes a free one.
+        alias: the model name the server answers to.
+        log_path: file for the server's output; None: ``$SPEED_CACHE/logs/llama-server-<alias>-<pid>.log``.
+        startup_timeout_s: how long to wait for the first answer.
+        lora_path: a GGUF LoRA adapter to apply.
+        extra_args: more ``llama_cpp.server`` arguments (``["--n_batch", "256"]``).
+
+    Example:
+        >>> with LlamaCppServer(resolve_gguf("smollm2-135m-instruct")) as server:  # doctest: +SKIP
+        ...     print(server.base_url)
+    """
+
+    def __init__(
+        self,
+        gguf: str | os.PathLike[str],
+        *,
+        threads: int = 1,
+        n_ctx: int = 4096,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        alias: str = "local",
+        log_path: str | os.PathLike[str] | None = None,
+        startup_timeout_s: float = 180.0,
+        lora_path: str | None = None,
+        extra_args: Sequence[str] = (),
+    ):
+        self.gguf = Path(gguf)
+        if not self.gguf.is_file():
+            raise BackendError(f"GGUF file {self.gguf} does not exist")
+        self.threads = threads
+        self.n_ctx = n_ctx
+        self.host = host
+        self.port = port
+        self._fixed_port = port is not None
+        self.alias = alias
+        safe_alias = "".join(c if c.isalnum() or c in "-_." else "_" for c in alias)
+        self.log_path = (
+            Path(log_path)
+            if log_path
+            else cache_dir() / "logs" / f"llama-server-{safe_alias}-{os.getpid()}.log"
+        )
+        self.startup_timeout_s = startup_timeout_s
+        self.lora_path = lora_path
+        self.extra_args = list(extra_args)
+        self.process: subprocess.Popen[bytes] | None = None
+        self._log_file: Any = None
+
+    @property
+    def base_url(self) -> str:
+        """The OpenAI API root of the server, e.g. ``http://127.0.0.1:PORT/v1``."""
+        if self.port is None:
+            raise BackendError("the llama.cpp server has not been started")
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+        return f"http://{host}:{self.port}/v1"
+
+    def _command(self) -> list[str]:
+        args = [
+            "--model", str(self.gguf),
+            "--model_alias", self.alias,
+            "--host", self.host,
+            "--port", str(self.port),
+            "--n_threads", str(self.threads),
+            "--n_threads_batch", str(self.threads),
+            "--n_ctx", str(self.n_ctx),
+            "--interrupt_requests", "False",
+        ]  # fmt: skip
+        if self.lora_path:
+            args += ["--lora_path", self.lora_path]
+        args += self.extra_args
+        return [
+            sys.executable,
+            "-m",
+            "speed.llm._server_child",
+            "--parent-pid",
+            str(os.getpid()),
+            "--",
+            *args,
+        ]
+
+    def start(self) -> LlamaCppServer:
+        """Start the process and wait until it answers.
+
+        Raises:
+            BackendError: the server exited or did not answer in time (with the tail of its log).
+        """
+        require_installed(
+            ("llama_cpp", "uvicorn", "fastapi", "sse_starlette"),
+            extra="llamacpp",
+            what="the llamacpp_server backend",
+        )
+        if self.is_running():
+            return self
+        _register_atexit()
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        for attempt in range(3):
+            if not self._fixed_port:
+                self.port = free_port(self.host if self.host not in ("0.0.0.0", "") else "127.0.0.1")
+            try:
+                self._spawn_and_wait()
+                return self
+            except BackendError as err:
+                if "address already in use" in str(err).lower() and not self._fixed_port and attempt < 2:
+                    logger.info("port %s was taken before the server bound it; trying another", self.port)
+                    continue
+                raise
+        raise AssertionError("unreachable")
+
+    def _spawn_and_wait(self) -> None:
+        self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - kept open for the process' life
+        env = dict(os.environ)
+        env.setdefault("OMP_NUM_THREADS", str(self.threads))
+        logger.info(
+            "starting llama.cpp server for %s on %s:%s (%d thread(s)); log: %s",
+            self.gguf.name, self.host, self.port, self.threads, self.log_path,
+        )  # fmt: skip
+        self.process = subprocess.Popen(
+            self._command(),
+            stdin=subprocess.DEVNULL,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,  # own process group: stopped as a whole, no terminal Ctrl-C
+        )
+        _LIVE.add(self)
+        deadline = time.monotonic() + self.startup_timeout_s
+        try:
+            with httpx.Client(timeout=2.0) as client:
+                while True:
+                    code = self.process.poll()
+                    if code is not None:
+                        raise BackendError(
+                            f"the llama.cpp server for {self.gguf.name} exited with code {code} while "
+                            f"starting; the end of its log {self.log_path}:\n{self.log_tail()}"
+                        )
+                    try:
+                        if client.get(f"{self.base_url}/models").status_code == 200:
+                            logger.info("llama.cpp server ready at %s", self.base_url)
+                            return
+                    except httpx.TransportError:
+                        pass
+                    if time.monotonic() > deadline:
+                        raise BackendError(
+                            f"the llama.cpp server for {self.gguf.name} did not answer within "
+                            f"{self.startup_timeout_s:.0f}s; the end of its log {self.log_path}:\n{self.log_tail()}"
+                        )
+                    time.sleep(0.25)
+        except BaseException:
+            self.stop()
+            raise
+
+    def is_running(self) -> bool:
+        """Whether the server process is alive."""
+        return self.process is not None and self.process.poll() is None
+
+    def log_tail(self, lines: int = 30) -> str:
+        """The last lines of the server's log."""
+        try:
+            with open(self.log_path, "rb") as fh:
+                fh.seek(0, os.SEEK_END)
+                fh.seek(max(0, fh.tell() - 16384))
+                text = fh.read().decode(errors="replace")
+        except OSError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop the server and its process group. Safe to call twice."""
+        proc = self.process
+        if proc is not None and proc.poll() is None:
+            logger.info("stopping llama.cpp server at port %s", self.port)
+            for sig, wait in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 5.0)):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, sig)
+                try:
+                    proc.wait(timeout=wait)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+        if self._log_file is not None:
+            with contextlib.suppress(OSError):
+                self._log_file.close()
+            self._log_file = None
+        _LIVE.discard(self)
+
+    def kill(self) -> None:
+        """Kill the server at once (SIGKILL), as a crash would; for fault tests."""
+        if self.process is not None and self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def __enter__(self) -> LlamaCppServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.stop(timeout_s=2.0)
+
+
+_OPTIONS: dict[str, Any] = {
+    "log_path": None,
+    "startup_timeout_s": 180.0,
+    "extra_args": [],
+    "retry_initial_s": 1.0,
+    "retry_max_s": 30.0,
+}
+
+
+class LlamaCppServerBackend(Backend):
+    """A llama.cpp server of our own, spoken to through the OpenAI-compatible client.
+
+    Args:
+        model: a packaged model name, a GGUF file or folder, or a hub repo (with ``file``).
+        file: which GGUF of a folder or repo.
+        threads: CPU threads of the server.
+        n_ctx: context length.
+        adapter: a GGUF LoRA adapter.
+        concurrency: requests in flight (the server runs one at a time; 2 keeps it busy).
+        timeout_s: timeout of one request (a queued request waits for the one before it).
+        max_retries: retries per request on errors and dropped connections.
+        model_id: label of the model in the ledger; defaults to ``model``.
+        **options: ``log_path``, ``startup_timeout_s``, ``extra_args``, ``retry_initial_s``,
+            ``retry_max_s``.
+    """
+
+    name = "llamacpp_server"
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        file: str | None = None,
+        threads: int = 1,
+        n_ctx: int = 4096,
+        adapter: str | None = None,
+        concurrency: int = 2,
+        timeout_s: float = 300.0,
+        max_retries: int = 6,
+        model_id: str | None = None,
+        **options: Any,
+    ):
+        opts = dict(_OPTIONS)
+        opts.update(options)
+        if adapter and not adapter.endswith(".gguf"):
+            raise ValueError(
+                f"adapter '{adapter}' (model spec field 'adapter'): llama.cpp applies GGUF LoRA adapters "
+                "only; merge the adapter and use backend 'hf', or convert it to GGUF"
+            )
+        gguf = resolve_gguf(model, file=file)
+        self.model_id = model_id or model
+        self.server = LlamaCppServer(
+            gguf,
+            threads=threads,
+            n_ctx=n_ctx,
+            alias=Path(model).name if os.sep in model else model,
+            log_path=opts["log_path"],
+            startup_timeout_s=opts["startup_timeout_s"],
+            lora_path=adapter,
+            extra_args=opts["extra_args"],
+        ).start()
+        try:
+            self.client = OpenAIBackend(
+                self.server.alias,
+                base_url=self.server.base_url,
+                concurrency=min(concurrency, 2),
+                timeout_s=timeout_s,
+                max_retries=max_retries,
+                retry_initial_s=opts["retry_initial_s"],
+                retry_max_s=opts["retry_max_s"],
+                schema_mode="json_object",
+                model_id=self.model_id,
+            )
+        except BaseException:
+            self.server.stop()
+            raise
+
+    @classmethod
+    def from_spec(
+        cls, spec: ModelSpec, *, threads: int | None = None, model_path: str | None = None
+    ) -> LlamaCppServerBackend:
+        """Start a server for the spec's model (or ``model_path``)."""
+        model = model_path or spec.model
+        if not model:
+            raise ValueError(
+                "model spec field 'model' is empty: backend 'llamacpp_server' needs a GGUF model"
+            )
+        opts = spec_options(spec, _OPTIONS, "llamacpp_server")
+        return cls(
+            model,
+            file=spec.file,
+            threads=threads or spec.threads or 1,
+            n_ctx=spec.n_ctx,
+            adapter=spec.adapter,
+            concurrency=spec.concurrency,
+            timeout_s=spec.timeout_s,
+            max_retries=spec.max_retries,
+            **opts,
+        )
+
+    @property
+    def base_url(self) -> str:
+        """The server's API root."""
+        return self.server.base_url
+
+    def generate(self, requests: Sequence[Request]) -> list[Completion]:
+        """Answer each request through the server; raises :class:`BackendError` if it died."""
+        try:
+            return self.client.generate(requests)
+        except BackendError as err:
+            if not self.server.is_running():
+                code = self.server.process.returncode if self.server.process else None
+                raise BackendError(
+                    f"{err} The llama.cpp server process has exited (code {code}); the end of its log "
+                    f"{self.server.log_path}:\n{self.server.log_tail(10)}"
+                ) from err
+            raise
+
+    def close(self) -> None:
+        """Stop the client and the server. Safe to call twice."""
+        self.client.close()
+        self.server.stop()
+
+
+def serve(
+    model: str,
+    port: int | None = None,
+    threads: int = 1,
+    *,
+    host: str = "127.0.0.1",
+    n_ctx: int = 4096,
+    file: str | None = None,
+    log_path: str | os.PathLike[str] | None = None,
+    ready: threading.Event | None = None,
+) -> None:
+    """Serve a model with llama.cpp's OpenAI-compatible server until Ctrl-C (``speed serve MODEL``).
+
+    Args:
+        model: a packaged model name, a GGUF file or folder.
+        port: the port; None takes a free one (logged).
+        threads: CPU threads.
+        host: address to bind; the default keeps the server private to this machine.
+        n_ctx: context length.
+        file: which GGUF of a folder.
+        log_path: the server's log file (default under ``$SPEED_CACHE/logs``).
+        ready: set once the server answers (for callers that run this in a thread).
+
+    Raises:
+        BackendError: the server failed to start or exited on its own.
+    """
+    server = LlamaCppServer(
+        resolve_gguf(model, file=file),
+        threads=threads,
+        n_ctx=n_ctx,
+        host=host,
+        port=port,
+        alias=model if os.sep not in model else Path(model).name,
+        log_path=log_path,
+    )
+    with server:
+        logger.info(
+            "serving %s at %s (model name '%s'); Ctrl-C stops it", model, server.base_url, server.alias
+        )
+        if ready is not None:
+            ready.set()
+        try:
+            assert server.process is not None
+            code = server.process.wait()
+        except KeyboardInterrupt:
+            logger.info("stopping")
+            return
+    raise BackendError(
+        f"the llama.cpp server exited on its own with code {code}; the end of its log "
+        f"{server.log_path}:\n{server.log_tail(10)}"
+    )

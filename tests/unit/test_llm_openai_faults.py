@@ -1,0 +1,274 @@
+"""The OpenAI-compatible client against a real HTTP server on 127.0.0.1 that misbehaves on purpose.
+
+The server (http.server in a thread) reads what to do from the user message: ``429:2`` answers 429
+twice and then properly, ``500:1``, ``slow:1`` (sleeps past the client's timeout), ``drop:1`` (closes
+the connection without an answer), ``garbage`` (200 with an HTML body), ``nochoices``, ``always500``.
+Every assertion checks both sides: the client's ``Completion.attempts`` and the server's hit counts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+
+from speed.config import ModelSpec
+from speed.ledger import Ledger, LedgeredBackend
+from speed.llm import BackendError, Request, Sampling, load_backend
+from speed.llm.openai_api import OpenAIBackend, redact_url
+
+
+class _FakeServer:
+    def __init__(self, honour_n: bool = True, slow_s: float = 1.0):
+        self.honour_n = honour_n
+        self.slow_s = slow_s
+        self.hits: Counter[str] = Counter()
+        self.bodies: list[dict[str, Any]] = []
+        self.headers: list[dict[str, str]] = []
+        self.arrivals: list[float] = []
+        self.lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = json.loads(self.rfile.read(length))
+                prompt = body["messages"][-1]["content"]
+                with server.lock:
+                    server.hits[prompt] += 1
+                    hit = server.hits[prompt]
+                    server.bodies.append(body)
+                    server.headers.append(dict(self.headers))
+                    server.arrivals.append(time.monotonic())
+                kind, _, count = prompt.partition(":")
+                failing = hit <= int(count or 0)
+                if kind == "429" and failing:
+                    return self._send(429, b'{"error": "slow down"}', {"Retry-After": "0"})
+                if kind == "500" and failing:
+                    return self._send(500, b"internal error")
+                if kind == "always500":
+                    return self._send(503, b"unavailable")
+                if kind == "slow" and failing:
+                    time.sleep(server.slow_s)
+                    return self._send(200, json.dumps(self._answer(body, prompt)).encode())
+                if kind == "drop" and failing:
+                    self.close_connection = True
+                    self.connection.shutdown(2)
+                    return None
+                if kind == "garbage":
+                    return self._send(200, b"<html>upstream proxy error</html>")
+                if kind == "nochoices":
+                    return self._send(200, b'{"object": "chat.completion"}')
+                if kind == "badrequest":
+                    return self._send(400, b'{"error": "context too long"}')
+                if kind == "unauthorized":
+                    return self._send(401, b'{"error": "bad key"}')
+                return self._send(200, json.dumps(self._answer(body, prompt)).encode())
+
+            def do_GET(self) -> None:
+                self._send(200, b'{"data": [{"id": "fake"}]}')
+
+            def _answer(self, body: dict[str, Any], prompt: str) -> dict[str, Any]:
+                n = body.get("n", 1) if server.honour_n else 1
+                seed = body.get("seed")
+                choices = [
+                    {
+                        "index": i,
+                        "message": {"role": "assistant", "content": f"answer to {prompt} #{i} seed {seed}"},
+                        "finish_reason": "stop",
+                    }
+                    for i in range(n)
+                ]
+                return {
+                    "choices": choices,
+                    "usage": {"prompt_tokens": 7, "completion_tokens": 5 * n, "total_tokens": 7 + 5 * n},
+                }
+
+            def _send(self, status: int, payload: bytes, headers: dict[str, str] | None = None) -> None:
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(payload)))
+                    for k, v in (headers or {}).items():
+                        self.send_header(k, v)
+                    self.end_headers()
+                    self.wfile.write(payload)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up (timeout): fine
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.port = self.httpd.server_address[1]
+        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def fake() -> Iterator[_FakeServer]:
+    server = _FakeServer()
+    yield server
+    server.close()
+
+
+def _client(base_url: str, **kw: Any) -> OpenAIBackend:
+    args: dict[str, Any] = dict(
+        base_url=base_url, concurrency=4, timeout_s=0.5, max_retries=3, retry_initial_s=0.01, retry_max_s=0.05
+    )
+    args.update(kw)
+    return OpenAIBackend("fake-model", **args)
+
+
+def test_retries_drops_and_nothing_lost(fake: _FakeServer) -> None:
+    prompts = ["ok", "429:2", "500:1", "slow:1", "drop:1", "garbage", "nochoices", "badrequest", "ok2"]
+    with _client(fake.base_url) as backend:
+        comps = backend.generate([Request.chat(p) for p in prompts])
+    assert len(comps) == len(prompts)
+    by = dict(zip(prompts, comps, strict=True))
+    # retried until success: attempts seen by the client match hits seen by the server
+    for prompt, attempts in {"ok": 1, "429:2": 3, "500:1": 2, "slow:1": 2, "drop:1": 2, "ok2": 1}.items():
+        assert by[prompt].error is None, (prompt, by[prompt].error)
+        assert by[prompt].attempts == attempts == fake.hits[prompt], prompt
+        assert by[prompt].text.startswith(f"answer to {prompt}")
+        assert by[prompt].tokens_in == 7 and by[prompt].tokens_out == 5
+    # garbage and rejections are counted drops with a reason, sent once, never a crash
+    assert by["garbage"].error is not None and "not JSON" in by["garbage"].error
+    assert by["nochoices"].error is not None and "choices" in by["nochoices"].error
+    assert by["badrequest"].error is not None and "HTTP 400" in by["badrequest"].error
+    for prompt in ("garbage", "nochoices", "badrequest"):
+        assert by[prompt].texts == [] and fake.hits[prompt] == 1 and by[prompt].attempts == 1
+
+
+def test_dead_endpoint_raises_naming_it(fake: _FakeServer) -> None:
+    backend = _client(fake.base_url, max_retries=2)
+    with pytest.raises(BackendError) as info:
+        backend.generate([Request.chat("always500")])
+    message = str(info.value)
+    assert f"127.0.0.1:{fake.port}/v1" in message and "HTTP 503" in message and "3 attempt" in message
+    assert fake.hits["always500"] == 3
+    backend.close()
+
+
+def test_dead_endpoint_in_a_batch_stops_the_others_quickly(fake: _FakeServer) -> None:
+    backend = _client(fake.base_url, max_retries=2, concurrency=2)
+    with pytest.raises(BackendError):
+        backend.generate([Request.chat("always500")] + [Request.chat(f"500:{i}") for i in range(6, 12)])
+    backend.close()
+    # requests still queued when the endpoint was found dead were never sent
+    assert sum(fake.hits.values()) < 3 + 6 * 7
+
+
+def test_nothing_listening_names_the_endpoint_without_credentials() -> None:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    backend = _client(f"http://user:secret@127.0.0.1:{port}/v1?token=abc", max_retries=1)
+    with pytest.raises(BackendError) as info:
+        backend.generate([Request.chat("hello")])
+    message = str(info.value)
+    assert f"http://127.0.0.1:{port}/v1" in message and "ConnectError" in message
+    assert "secret" not in message and "token" not in message
+    assert redact_url("https://u:p@host:8443/v1/?k=1") == "https://host:8443/v1"
+
+
+def test_wrong_key_or_model_is_a_backend_error(fake: _FakeServer) -> None:
+    with _client(fake.base_url) as backend, pytest.raises(BackendError, match="HTTP 401"):
+        backend.generate([Request.chat("unauthorized")])
+
+
+@pytest.mark.parametrize("honour_n", [True, False])
+def test_n_samples_sent_or_looped(honour_n: bool) -> None:
+    server = _FakeServer(honour_n=honour_n)
+    try:
+        with _client(server.base_url) as backend:
+            req = Request.chat("ok", sampling=Sampling(n=3, seed=10))
+            first, second = backend.generate([req, Request.chat("ok2", sampling=Sampling(n=2, seed=5))])
+        assert len(first.texts) == 3 and len(set(first.texts)) == 3
+        assert len(second.texts) == 2
+        if honour_n:
+            assert server.hits["ok"] == 1 and first.tokens_out == 15
+        else:
+            # one call per sample, each with its own seed so seeded samples differ
+            assert server.hits["ok"] == 3 and first.attempts == 3
+            assert [b.get("seed") for b in server.bodies if b["messages"][-1]["content"] == "ok"] == [
+                10,
+                11,
+                12,
+            ]
+            assert first.tokens_in == 7 and first.tokens_out == 15
+    finally:
+        server.close()
+
+
+def test_schema_modes(fake: _FakeServer) -> None:
+    schema = {"title": "Example pair", "type": "object", "properties": {"q": {"type": "string"}}}
+    with _client(fake.base_url) as backend:
+        backend.generate([Request.chat("ok", schema=schema)])
+    fmt = fake.bodies[-1]["response_format"]
+    assert fmt["type"] == "json_schema" and fmt["json_schema"]["schema"] == schema
+    assert fmt["json_schema"]["name"] == "Example_pair"
+    with _client(fake.base_url, schema_mode="json_object") as backend:
+        backend.generate([Request.chat("ok2", schema=schema)])
+    assert fake.bodies[-1]["response_format"] == {"type": "json_object", "schema": schema}
+
+
+def test_rate_limit_spaces_request_starts(fake: _FakeServer) -> None:
+    with _client(fake.base_url, requests_per_minute=1200) as backend:  # one start per 50 ms
+        backend.generate([Request.chat(f"ok{i}") for i in range(5)])
+    gaps = [b - a for a, b in zip(fake.arrivals, fake.arrivals[1:], strict=False)]
+    assert sum(gaps) >= 4 * 0.05 * 0.9
+
+
+def test_from_spec_reads_key_from_env_and_never_logs_it(
+    fake: _FakeServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tmp_path: Any
+) -> None:
+    monkeypatch.setenv("SPEED_TEST_KEY", "sk-very-secret")
+    spec = ModelSpec(
+        backend="openai",
+        model="fake-model",
+        base_url=fake.base_url,
+        api_key_env="SPEED_TEST_KEY",
+        max_retries=2,
+        timeout_s=0.5,
+        options={"retry_initial_s": 0.01, "retry_max_s": 0.02},
+    )
+    caplog.set_level(logging.DEBUG)
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    with LedgeredBackend(load_backend(spec), ledger, role="teacher", stage="seed") as backend:
+        comps = backend.generate([Request.chat("500:1"), Request.chat("garbage")])
+    assert fake.headers[0]["Authorization"] == "Bearer sk-very-secret"
+    assert comps[0].error is None and comps[1].error is not None
+    assert "sk-very-secret" not in caplog.text
+    rows = ledger.rows()
+    assert len(rows) == 2 and not any("sk-very-secret" in json.dumps(r) for r in rows)
+    assert {r["attempts"] for r in rows} == {2, 1}
+    totals = ledger.totals()
+    assert (totals.calls, totals.errors, totals.tokens_in, totals.tokens_out) == (1, 1, 7, 5)
+
+    monkeypatch.delenv("SPEED_TEST_KEY")
+    with pytest.raises(ValueError, match="SPEED_TEST_KEY"):
+        load_backend(spec)
+
+
+def test_unknown_option_is_refused_with_the_near_one(fake: _FakeServer) -> None:
+    spec = ModelSpec(backend="openai", model="m", base_url=fake.base_url, options={"schema_mod": "none"})
+    with pytest.raises(ValueError, match="Did you mean 'schema_mode'"):
+        load_backend(spec)
