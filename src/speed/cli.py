@@ -53,11 +53,24 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _try_report(run_dir: Path) -> Path | None:
+    """Build the report after a full run; a report failure must not fail the finished run."""
     try:
         from speed.report import build_report
-    except ImportError:
+
+        return build_report(run_dir)
+    except Exception as err:  # the run's outputs are complete; say why the report is missing
+        logger.warning("could not build the report (%s); retry with `speed report %s`", err, run_dir)
         return None
-    return build_report(run_dir)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from speed.report import build_report
+
+    run_dir = Path(args.run)
+    if not run_dir.is_dir():
+        raise ConfigError(f"'{run_dir}' is not a folder; pass a run directory")
+    print(build_report(run_dir))
+    return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -222,6 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("run")
     c.add_argument("--json", action="store_true", help="print JSON")
     c.set_defaults(func=cmd_cost)
+
+    rp = sub.add_parser("report", help="(re)build report.html and summary.json of a run")
+    rp.add_argument("run")
+    rp.set_defaults(func=cmd_report)
 
     for extra in _EXTRA_COMMANDS:
         extra(sub)
