@@ -1,0 +1,189 @@
+"""Quality filters: each has a case it drops and a case it keeps; the counter adds up."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from speed.data.filters import (
+    DropCounter,
+    EmptyField,
+    LabelNotAllowed,
+    PlaceholderText,
+    QueryInDocument,
+    TooShort,
+    WrongLanguage,
+    default_filters,
+    first_failure,
+    language_code,
+    positive_equals_negative,
+    query_equals_positive,
+    similarity,
+)
+from speed.tasks import get_kind
+
+RETRIEVAL = get_kind("retrieval")
+CLASSIFICATION = get_kind("classification")
+STS = get_kind("sts")
+BITEXT = get_kind("bitext")
+MATCHING = get_kind("matching_short")
+
+DOC = (
+    "Regular maintenance keeps an air source heat pump efficient through the winter. Clear snow "
+    "and leaves from the outdoor unit, check that the condensate drains freely, and replace or wash "
+    "the indoor filters every few months. A technician should inspect refrigerant pressure once a year."
+)
+NEG = (
+    "Heat pumps have been used in refrigerators for more than a century. The same thermodynamic "
+    "cycle moves heat against its natural direction, which is why engineers describe a heat pump "
+    "as a refrigerator working in reverse; early designs relied on ammonia as the working fluid."
+)
+GOOD = {
+    "user_query": "how to maintain a heat pump in winter",
+    "positive_document": DOC,
+    "hard_negative_document": NEG,
+}
+ATTRS = {"num_words": 60, "language": "English"}
+
+
+def check(flt, fields, kind=RETRIEVAL, attrs=ATTRS):
+    return flt.check(fields, kind, attrs)
+
+
+def test_empty_field():
+    assert check(EmptyField(), GOOD) is None
+    assert "positive_document" in check(EmptyField(), GOOD | {"positive_document": "   "})
+    assert "hard_negative_document" in check(
+        EmptyField(), {k: v for k, v in GOOD.items() if k != "hard_negative_document"}
+    )
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["string", "...", "<document>", "[insert document here]", "Lorem ipsum dolor sit amet", "${task}"],
+)
+def test_placeholder_text_drops(value):
+    assert check(PlaceholderText(), GOOD | {"positive_document": value}) is not None
+
+
+def test_placeholder_text_keeps_real_text():
+    assert check(PlaceholderText(), GOOD) is None
+    assert (
+        check(
+            PlaceholderText(),
+            {"input_text": "None of the above applies.", "label": "other", "misleading_label": "none"},
+            CLASSIFICATION,
+        )
+        is None
+    )
+
+
+def test_too_short():
+    assert check(TooShort(0.25), GOOD) is None  # 40+ words of 60 asked
+    assert "positive_document" in check(TooShort(0.25), GOOD, attrs={"num_words": 500})
+    attrs = {"input_length": "at least 50 words"}
+    short = {"input_text": "Too short.", "label": "a", "misleading_label": "b"}
+    assert "2 words, 50" in check(TooShort(), short, CLASSIFICATION, attrs)
+    assert check(TooShort(), short, CLASSIFICATION, {"input_length": "less than 10 words"}) is None
+    with pytest.raises(ValueError, match="min_ratio"):
+        TooShort(0)
+
+
+def test_query_in_document():
+    copied = GOOD | {"positive_document": "How to maintain a heat pump in winter? " + DOC}
+    assert "positive_document" in check(QueryInDocument(), copied)
+    assert check(QueryInDocument(), GOOD) is None
+    # short queries are exempt: documents naturally repeat a two-word topic
+    assert check(QueryInDocument(), GOOD | {"user_query": "heat pump"}) is None
+
+
+def test_positive_equals_negative():
+    flt = positive_equals_negative()
+    assert check(flt, GOOD) is None
+    assert check(flt, GOOD | {"hard_negative_document": DOC}) is not None
+    assert check(flt, GOOD | {"hard_negative_document": DOC.replace("winter", "cold season")}) is not None
+    same_label = {
+        "input_text": "My card never came.",
+        "label": "Card arrival",
+        "misleading_label": "card_arrival",
+    }
+    assert check(flt, same_label, CLASSIFICATION, {}) is not None
+    assert check(flt, same_label | {"misleading_label": "lost card"}, CLASSIFICATION, {}) is None
+    assert check(flt, {"input": "a", "positive_document": "a"}, MATCHING, {}) is None  # no negative
+
+
+def test_query_equals_positive():
+    flt = query_equals_positive()
+    sts = {
+        "S1": "A man is playing a guitar.",
+        "S2": "A man is playing a guitar!",
+        "S3": "A man sells guitars.",
+    }
+    assert check(flt, sts, STS, {}) is not None
+    assert check(flt, sts | {"S2": "Someone strums a guitar."}, STS, {}) is None
+
+
+def test_similarity_is_exact_above_the_bound():
+    assert similarity("a b c d", "a b c d") == 1.0
+    assert similarity("a b c d", "w x y z") == 0.0
+    assert 0.7 < similarity("a b c d e f g h i j", "a b c d e f g h i k") < 1.0
+
+
+def test_wrong_language():
+    flt = WrongLanguage()
+    assert check(flt, GOOD) is None
+    german = GOOD | {
+        "positive_document": "Eine Wärmepumpe sollte im Winter regelmäßig gewartet werden, damit sie effizient bleibt.",
+        "hard_negative_document": "Wärmepumpen werden seit über hundert Jahren in Kühlschränken verwendet.",
+    }
+    assert "detected de" in check(flt, german)
+    bitext = {
+        "S1": "The weather is lovely today and we are going for a walk.",
+        "S2": "Das Wetter ist heute schön und wir gehen spazieren.",
+    }
+    attrs = {"source_language": "English", "target_language": "German"}
+    assert check(flt, bitext, BITEXT, attrs) is None
+    assert check(flt, bitext, BITEXT, attrs | {"target_language": "French"}) is not None
+    assert check(flt, {"S1": "ok", "S2": "ja"}, BITEXT, attrs) is None  # too short to judge
+
+
+def test_language_codes():
+    assert (
+        language_code("English") == "en" and language_code(" german ") == "de" and language_code("pt") == "pt"
+    )
+    with pytest.raises(ValueError, match="Did you mean 'English'"):
+        language_code("Englsh")
+
+
+def test_label_not_allowed():
+    example = {"input_text": "I love it.", "label": "positive", "misleading_label": "negative"}
+    assert check(LabelNotAllowed({"Positive", "Negative"}), example, CLASSIFICATION, {}) is None
+    assert check(LabelNotAllowed({"joy", "anger"}), example, CLASSIFICATION, {}) is not None
+    assert check(LabelNotAllowed(), example, CLASSIFICATION, {"labels": ["joy", "anger"]}) is not None
+    assert check(LabelNotAllowed(), example, CLASSIFICATION, {}) is None  # no label set: keep
+
+
+def test_first_failure_counts_the_first_reason_only():
+    counter = DropCounter("test")
+    filters = default_filters()
+    assert first_failure(RETRIEVAL.schema.model_validate(GOOD), RETRIEVAL, ATTRS, filters, counter) is None
+    bad = GOOD | {"positive_document": "", "hard_negative_document": ""}
+    assert first_failure(bad, RETRIEVAL, ATTRS, filters, counter) == "empty_field"
+    assert counter.as_dict() == {"kept": 0, "dropped": 1, "reasons": {"empty_field": 1}}
+    assert [f.name for f in default_filters(check_language=False)][-1] == "label_not_allowed"
+
+
+def test_drop_counter_merges_and_logs(caplog):
+    a, b = DropCounter("shard0"), DropCounter("shard1")
+    a.keep(3)
+    a.drop("no_json")
+    b.drop("no_json", n=2)
+    b.drop("too_short")
+    b.keep()
+    a.merge(b)
+    assert (a.kept, a.dropped, a.seen, a["no_json"], a["missing"]) == (4, 4, 8, 3, 0)
+    assert list(a.as_dict()["reasons"]) == ["no_json", "too_short"]
+    with caplog.at_level(logging.INFO, logger="speed.data.filters"):
+        a.log_summary()
+    assert "kept 4 of 8" in caplog.text and "no_json 3" in caplog.text
