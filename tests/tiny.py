@@ -88,7 +88,7 @@ def build_tokenizer(extra_text: Iterable[str] = (), vocab_size: int = 512):
         additional_special_tokens=["<|im_start|>"],
     )
     fast.chat_template = CHAT_TEMPLATE
-    fast.model_max_length = 4096
+    fast.model_max_length = 1 << 20  # tests may use long synthetic texts
     return fast
 
 
@@ -129,7 +129,7 @@ def make_tiny_llama(
         num_hidden_layers=num_layers,
         num_attention_heads=num_heads,
         num_key_value_heads=num_heads,
-        max_position_embeddings=4096,
+        max_position_embeddings=16384,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

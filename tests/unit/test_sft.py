@@ -115,3 +115,10 @@ def test_precision_choice() -> None:
     assert choose_precision("fp32", "cpu") == "fp32"
     assert choose_precision("bf16", "cpu") == "bf16"
     assert choose_precision("auto", "cpu") in {"bf16", "fp32"}
+
+
+def test_prompts_longer_than_max_length_are_refused(tmp_path: Path) -> None:
+    base = tiny_llama(tmp_path / "base")
+    cfg = SFTConfig(max_steps=1, batch_size=2, per_device_batch_size=2, max_length=8)
+    with pytest.raises(TrainingInputError, match=r"every prompt is at least junior.max_length = 8 tokens"):
+        train_sft(base, ROWS, cfg, tmp_path / "out", seed=0, what="junior")

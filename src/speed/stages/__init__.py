@@ -1,1 +1,13 @@
 """The pipeline's stages, one module each; importing this package registers them all."""
+
+# alignment stages (SPEED): teacher -> junior (SFT) -> senior (DPO) -> revisor (SFT)
+from speed.stages import (  # noqa: F401
+    brainstorm,
+    candidates,
+    judge,
+    junior,
+    revisions,
+    revisor,
+    seed,
+    senior,
+)

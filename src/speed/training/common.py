@@ -103,8 +103,13 @@ class TrainResult:
         from speed.io import write_json
 
         data = asdict(self)
-        data["adapter_dir"] = str(self.adapter_dir)
-        data["merged_dir"] = str(self.merged_dir)
+        # relative to the file, so that a moved or copied run stays consistent
+        for name in ("adapter_dir", "merged_dir"):
+            folder = Path(data[name])
+            try:
+                data[name] = str(folder.resolve().relative_to(Path(path).parent.resolve()))
+            except ValueError:
+                data[name] = str(folder)
         write_json(path, data)
 
 
@@ -347,6 +352,44 @@ def _loss_recorder_class() -> type:
             )
 
     return LossRecorder
+
+
+def drop_long_prompts(
+    rows: Sequence[Mapping[str, Any]], tokenizer: Any, max_length: int, what: str, system: str | None = None
+) -> list[Mapping[str, Any]]:
+    """Rows whose chat-formatted prompt leaves room for completion tokens within ``max_length``.
+
+    TRL truncates the end of a sequence, so a prompt of ``max_length`` tokens or more leaves no
+    completion token to learn from and the trainer silently drops the row (or, when every row is
+    dropped, fails with an obscure sampler error). Such rows are removed here and counted.
+
+    Raises:
+        TrainingInputError: no row is left; the message says how long the prompts are.
+    """
+    kept, lengths = [], []
+    for row in rows:
+        messages = [{"role": "user", "content": row["prompt"]}]
+        if system:
+            messages.insert(0, {"role": "system", "content": system})
+        n = len(tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False))
+        lengths.append(n)
+        if n < max_length:
+            kept.append(row)
+    if not kept:
+        raise TrainingInputError(
+            f"{what}: every prompt is at least {what}.max_length = {max_length} tokens long (shortest "
+            f"{min(lengths)}), so no completion token would be trained on; raise {what}.max_length"
+        )
+    if len(kept) < len(rows):
+        logger.warning(
+            "%s: %d of %d rows dropped: prompt longer than %s.max_length = %d tokens",
+            what,
+            len(rows) - len(kept),
+            len(rows),
+            what,
+            max_length,
+        )
+    return kept
 
 
 def check_losses(losses: Sequence[float], what: str) -> None:

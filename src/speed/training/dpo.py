@@ -34,6 +34,7 @@ from speed.training.common import (
     check_rows,
     choose_precision,
     device_name,
+    drop_long_prompts,
     load_causal_lm,
     load_tokenizer,
     lora_config,
@@ -123,6 +124,7 @@ def train_dpo(
 
     tokenizer = load_tokenizer(model)
     policy = load_causal_lm(model, device, precision)
+    kept = drop_long_prompts(rows, tokenizer, cfg.max_length, what, system)
     args = TRLDPOConfig(
         **trainer_args(out_dir=out_dir, cfg=cfg, seed=seed, device=device, precision=precision, what=what),
         beta=cfg.beta,
@@ -131,7 +133,7 @@ def train_dpo(
         model=policy,
         ref_model=None,
         args=args,
-        train_dataset=Dataset.from_list(to_conversational(rows, system)),
+        train_dataset=Dataset.from_list(to_conversational(kept, system)),
         processing_class=tokenizer,
         peft_config=lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules),
     )
@@ -140,7 +142,7 @@ def train_dpo(
         "%s: LoRA DPO of %s on %d pairs, beta %g, %s, %s, lr %g, batch %d",
         what,
         model,
-        len(rows),
+        len(kept),
         cfg.beta,
         device,
         precision,
@@ -157,7 +159,7 @@ def train_dpo(
         merged_dir=merged_dir,
         losses=recorder.losses,
         steps=trainer.state.global_step,
-        rows=len(rows),
+        rows=len(kept),
         seconds=seconds,
         device=device,
         precision=precision,
@@ -244,7 +246,9 @@ def preference_loss(
     margins = []
     logps: dict[str, list[list[float]]] = {}
     for name, path in (("policy", policy), ("reference", reference)):
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).to(device).eval()
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+        model.to(device)  # type: ignore[arg-type]  # transformers' typing of .to is too narrow
+        model.eval()
         logps[name] = [
             completion_logps(model, tokenizer, r["prompt"], [r["chosen"], r["rejected"]], system)
             for r in rows

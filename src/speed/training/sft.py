@@ -40,6 +40,7 @@ from speed.training.common import (
     check_rows,
     choose_precision,
     device_name,
+    drop_long_prompts,
     load_causal_lm,
     load_tokenizer,
     lora_config,
@@ -123,7 +124,8 @@ def train_sft(
         completion_only_loss=True,
         packing=False,
     )
-    dataset = Dataset.from_list(to_conversational(rows, system))
+    kept = drop_long_prompts(rows, tokenizer, cfg.max_length, what, system)
+    dataset = Dataset.from_list(to_conversational(kept, system))
     trainer = SFTTrainer(
         model=model,
         args=args,
@@ -136,7 +138,7 @@ def train_sft(
         "%s: LoRA SFT of %s on %d rows, %s, %s, lr %g, batch %d",
         what,
         base_model,
-        len(rows),
+        len(kept),
         device,
         precision,
         cfg.learning_rate,
@@ -154,7 +156,7 @@ def train_sft(
         merged_dir=merged_dir,
         losses=recorder.losses,
         steps=trainer.state.global_step,
-        rows=len(rows),
+        rows=len(kept),
         seconds=seconds,
         device=device,
         precision=precision,

@@ -1,0 +1,341 @@
+"""What the alignment stages share: prompt sampling, requests, parsing with filters, key parts.
+
+The alignment stages (brainstorm, seed, junior, candidates, judge, senior, revisions, revisor; one
+module each) turn a teacher into training signal for small generators (SPEED, arXiv 2410.18634).
+This module holds the pieces more than one of them needs.
+
+Design choices:
+- Generation prompts are drawn in one place (:func:`sample_prompts`): a kind by the seed section's
+  ``kind_mix``, a task of that kind from the brainstorm pool, attributes from the kind's sampler,
+  all from one ``random.Random`` that the stage derives from the run seed and its own name. So seed,
+  candidates and revisions draw different prompts from the same distribution; prompts already used
+  upstream are skipped, so the junior and senior are judged and revised on prompts they were not
+  trained on.
+- Every LLM call goes through ``ctx.llm`` (the ledger), in chunks, with a per-request seed from
+  ``ctx.seed_for``: a rerun replays, a crash resumes after the last finished chunk.
+- The raw output is kept next to what was parsed from it, and every drop is counted by reason in a
+  :class:`~speed.data.filters.DropCounter`; dropped rows are written to ``dropped.jsonl``.
+- A stage key must change when anything that shapes its output changes. The runner hashes a stage's
+  own config section and the templates it names; the alignment stages also depend on other sections
+  (brainstorm on ``topics``, candidates and revisions on the seed's kind mix through their upstream
+  keys) and on templates chosen by the config (one per kind). :class:`AlignmentStage` computes its
+  template names from the config and adds the hashes of such extra sections under ``config:NAME``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from speed.config import ModelSpec, SpeedConfig
+from speed.io import read_rows
+from speed.llm.base import Completion, Request, Sampling
+from speed.runner import Stage, StageContext, StageError
+
+if TYPE_CHECKING:
+    from speed.data.filters import DropCounter, Filter
+    from speed.tasks.base import Example, TaskKind
+
+logger = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------------
+# stage base
+
+
+class AlignmentStage(Stage):
+    """A stage whose template names (and extra key parts) depend on the config."""
+
+    #: config sections besides its own whose values shape this stage's output
+    extra_sections: ClassVar[tuple[str, ...]] = ()
+
+    def template_names(self, cfg: SpeedConfig) -> tuple[str, ...]:
+        """Templates this stage renders under ``cfg`` (default: the class's ``templates``)."""
+        return tuple(self.templates)
+
+    def template_hashes(self, cfg: SpeedConfig) -> dict[str, str]:
+        from speed.tasks.base import template_hash
+
+        hashes = {name: template_hash([name]) for name in sorted(set(self.template_names(cfg)))}
+        for section in self.extra_sections:
+            hashes[f"config:{section}"] = _hash(_dump(cfg.section(section)))
+        return hashes
+
+
+def _dump(obj: Any) -> Any:
+    return obj.model_dump(mode="json") if hasattr(obj, "model_dump") else obj
+
+
+def _hash(payload: Any) -> str:
+    blob = json.dumps(payload, sort_keys=True, ensure_ascii=False, default=str)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
+
+
+def kind_templates(kinds: Iterable[str], *, brainstorm: bool = False, generate: bool = False) -> list[str]:
+    """Template names of ``kinds``: brainstorm templates and/or generate + guidelines templates."""
+    from speed.tasks import get_kind
+
+    names: list[str] = []
+    for name in kinds:
+        kind = get_kind(name)
+        if brainstorm and kind.brainstorm_template:
+            names.append(kind.brainstorm_template)
+        if generate:
+            names += [kind.generate_template, kind.guidelines_template]
+    return names
+
+
+def mix_kinds(cfg: SpeedConfig) -> list[str]:
+    """The kinds generation prompts are drawn from: those with a positive weight in ``seed.kind_mix``."""
+    return [k for k, w in cfg.seed.kind_mix.items() if w > 0]
+
+
+# --------------------------------------------------------------------------------------------
+# inputs
+
+
+def require_rows(ctx: StageContext, stage: str, fields: Sequence[str]) -> list[dict[str, Any]]:
+    """The rows of an upstream stage, checked to be non-empty and to carry ``fields``.
+
+    Raises:
+        StageError: the stage wrote no rows, or a row lacks a field (naming both).
+    """
+    try:
+        rows = read_rows(ctx.input(stage))
+    except FileNotFoundError as err:
+        raise StageError(f"stage '{ctx.name}': upstream '{stage}' has no data ({err}); rerun it") from None
+    if not rows:
+        raise StageError(
+            f"stage '{ctx.name}': upstream '{stage}' wrote no rows; look at its manifest's drops and "
+            f"rerun it with larger counts"
+        )
+    for i, row in enumerate(rows):
+        missing = [f for f in fields if f not in row]
+        if missing:
+            raise StageError(
+                f"stage '{ctx.name}': row {i} of '{stage}' lacks {missing}; it was written by another "
+                f"version of speed: rerun '{stage}'"
+            )
+    return rows
+
+
+def task_pool(rows: Iterable[Mapping[str, Any]]) -> dict[str, list[str]]:
+    """Tasks per kind from brainstorm rows, in order, without repeats."""
+    pool: dict[str, dict[str, None]] = {}
+    for row in rows:
+        pool.setdefault(row["kind"], {})[row["task"]] = None
+    return {k: list(v) for k, v in pool.items()}
+
+
+def check_pool(pool: Mapping[str, Sequence[str]], kinds: Iterable[str], where: str) -> None:
+    """Every kind to be sampled has at least one task.
+
+    Raises:
+        StageError: naming the kinds without tasks and the fix.
+    """
+    empty = [k for k in kinds if not pool.get(k)]
+    if empty:
+        raise StageError(
+            f"stage '{where}': no brainstormed task for kind(s) {empty}; add them to brainstorm.kinds, "
+            f"raise brainstorm.calls_per_kind, or give them weight 0 in seed.kind_mix"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# generation prompts
+
+
+@dataclass(frozen=True)
+class GenPrompt:
+    """One generation prompt and what it was drawn from."""
+
+    kind: str
+    task: str
+    attributes: dict[str, Any]
+    prompt: str
+
+    def to_row(self) -> dict[str, Any]:
+        return {"kind": self.kind, "task": self.task, "attributes": self.attributes, "prompt": self.prompt}
+
+
+def sample_prompts(
+    pool: Mapping[str, Sequence[str]],
+    n: int,
+    kind_mix: Mapping[str, float],
+    rng: random.Random,
+    language: str = "English",
+    exclude: Iterable[str] = (),
+    max_tries_factor: int = 20,
+) -> tuple[list[GenPrompt], int]:
+    """Draw ``n`` distinct generation prompts that are not in ``exclude``.
+
+    Args:
+        pool: tasks per kind.
+        n: prompts wanted.
+        kind_mix: relative weight per kind (kinds without weight or without tasks are skipped).
+        rng: the only source of randomness.
+        language: the language of the examples.
+        exclude: prompts used before (the seed's, the candidates'), never drawn again.
+        max_tries_factor: give up after ``n * max_tries_factor`` draws (a small pool runs out of
+            distinct prompts); fewer than ``n`` prompts are then returned.
+
+    Returns:
+        The prompts and the number of draws rejected as repeats.
+    """
+    from speed.tasks import get_kind
+    from speed.tasks.base import weighted_choice
+
+    weights = {k: w for k, w in kind_mix.items() if w > 0 and pool.get(k)}
+    if not weights:
+        raise StageError(
+            f"no kind to sample: seed.kind_mix {dict(kind_mix)} shares no kind with the brainstormed "
+            f"tasks ({sorted(pool)})"
+        )
+    seen = set(exclude)
+    out: list[GenPrompt] = []
+    repeats = 0
+    for _ in range(max(n, 1) * max_tries_factor):
+        if len(out) >= n:
+            break
+        name = weighted_choice(rng, weights)
+        kind = get_kind(name)
+        task = rng.choice(list(pool[name]))
+        attributes = kind.sample_attributes(rng, language)
+        prompt = kind.generation_prompt(task, attributes)
+        if prompt in seen:
+            repeats += 1
+            continue
+        seen.add(prompt)
+        out.append(GenPrompt(name, task, attributes, prompt))
+    if len(out) < n:
+        logger.warning(
+            "only %d distinct new prompts after %d draws (%d wanted): the task pool is small",
+            len(out),
+            n * max_tries_factor,
+            n,
+        )
+    return out, repeats
+
+
+# --------------------------------------------------------------------------------------------
+# requests
+
+
+def sampling(
+    spec: ModelSpec,
+    *,
+    seed: int | None,
+    temperature: float | None = None,
+    n: int = 1,
+    max_tokens: int | None = None,
+) -> Sampling:
+    """Sampling parameters from a role's spec, with per-call overrides."""
+    return Sampling(
+        temperature=spec.temperature if temperature is None else temperature,
+        top_p=spec.top_p,
+        max_tokens=max_tokens or spec.max_tokens,
+        n=n,
+        seed=seed,
+    )
+
+
+def chat(prompt: str, sampling_: Sampling, schema: dict[str, Any] | None = None) -> Request:
+    """A single-turn chat request."""
+    return Request.chat(prompt, sampling=sampling_, schema=schema)
+
+
+def generate_all(
+    ctx: StageContext, llm: Any, requests: Sequence[Request], desc: str, chunk: int | None = None
+) -> list[Completion]:
+    """Answer ``requests`` through the ledgered backend in chunks, logging progress.
+
+    Args:
+        ctx: the stage context (progress bar).
+        llm: a backend from ``ctx.llm`` (so that every call is ledgered).
+        requests: the requests, in order.
+        desc: what is generated, for the log.
+        chunk: requests per ``generate`` call (default: the backend's flush size).
+    """
+    size = chunk or max(1, getattr(llm, "flush_every", 8))
+    out: list[Completion] = []
+    chunks = [requests[i : i + size] for i in range(0, len(requests), size)]
+    for part in ctx.progress(chunks, total=len(chunks), desc=desc):
+        out.extend(llm.generate(part))
+        logger.info("%s: %s %d/%d", ctx.name, desc, len(out), len(requests))
+    return out
+
+
+def free_local_models(
+    ctx: StageContext, roles: Iterable[str] = ("teacher", "junior", "senior", "revisor")
+) -> None:
+    """Close the backends of ``roles`` that hold a model on this machine (before training).
+
+    API backends (``openai``) hold no model and are kept.
+    """
+    for role in roles:
+        spec: ModelSpec = getattr(ctx.cfg.models, role)
+        if spec.backend != "openai":
+            ctx.session.release(role)
+
+
+# --------------------------------------------------------------------------------------------
+# parsing generated examples
+
+
+def build_filters(check_language: bool) -> list[Filter]:
+    """The quality filters of generated examples (see :mod:`speed.data.filters`)."""
+    from speed.data.filters import default_filters
+
+    return default_filters(check_language=check_language)
+
+
+def parse_example(
+    kind: TaskKind,
+    text: str,
+    attributes: Mapping[str, Any],
+    filters: Sequence[Filter],
+    counter: DropCounter,
+) -> tuple[Example | None, str | None]:
+    """Parse one generated example and run the filters on it.
+
+    Returns:
+        The example (or None) and the drop reason (or None); a drop is counted in ``counter``.
+    """
+    from speed.data.filters import first_failure
+
+    result = kind.parse(text)
+    if result.value is None:
+        reason = result.reason or "unparseable"
+        counter.drop(reason, result.detail)
+        return None, reason
+    failed = first_failure(result.value, kind, attributes, filters, counter)
+    if failed is not None:
+        return None, failed
+    return result.value, None
+
+
+_SPACE = re.compile(r"\s+")
+
+
+def normalize(text: str) -> str:
+    """A candidate's text for equality checks: canonical JSON when it parses as an object, else
+    whitespace-collapsed text."""
+    stripped = text.strip()
+    try:
+        value = json.loads(stripped)
+    except ValueError:
+        return _SPACE.sub(" ", stripped)
+    if isinstance(value, dict):
+        return json.dumps(value, sort_keys=True, ensure_ascii=False)
+    return _SPACE.sub(" ", stripped)
+
+
+def chunked(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
