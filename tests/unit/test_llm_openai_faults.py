@@ -26,8 +26,9 @@ from speed.llm.openai_api import OpenAIBackend, redact_url
 
 
 class _FakeServer:
-    def __init__(self, honour_n: bool = True, slow_s: float = 1.0):
+    def __init__(self, honour_n: bool = True, slow_s: float = 1.0, json_object_only: bool = False):
         self.honour_n = honour_n
+        self.json_object_only = json_object_only
         self.slow_s = slow_s
         self.hits: Counter[str] = Counter()
         self.bodies: list[dict[str, Any]] = []
@@ -52,6 +53,10 @@ class _FakeServer:
                     server.bodies.append(body)
                     server.headers.append(dict(self.headers))
                     server.arrivals.append(time.monotonic())
+                fmt = body.get("response_format") or {}
+                if server.json_object_only and fmt.get("type") == "json_schema":
+                    # llama-cpp-python's server: pydantic refuses the type
+                    return self._send(422, b'{"detail": [{"loc": ["body", "response_format", "type"]}]}')
                 kind, _, count = prompt.partition(":")
                 failing = hit <= int(count or 0)
                 if kind == "429" and failing:
@@ -228,6 +233,23 @@ def test_schema_modes(fake: _FakeServer) -> None:
     with _client(fake.base_url, schema_mode="json_object") as backend:
         backend.generate([Request.chat("ok2", schema=schema)])
     assert fake.bodies[-1]["response_format"] == {"type": "json_object", "schema": schema}
+
+
+def test_server_without_json_schema_gets_json_object() -> None:
+    server = _FakeServer(json_object_only=True)
+    schema = {"type": "object", "properties": {"q": {"type": "string"}}}
+    try:
+        with _client(server.base_url) as backend:
+            first, second = backend.generate(
+                [Request.chat("ok", schema=schema), Request.chat("ok2", schema=schema)]
+            )
+            assert backend.schema_mode == "json_object"
+        assert first.error is None and second.error is None
+        assert server.bodies[-1]["response_format"] == {"type": "json_object", "schema": schema}
+        # at most one refused call per request in flight when the switch happened
+        assert server.hits["ok"] + server.hits["ok2"] <= 4
+    finally:
+        server.close()
 
 
 def test_rate_limit_spaces_request_starts(fake: _FakeServer) -> None:

@@ -11,6 +11,8 @@ Design choices:
 - The AMX crash of MODELS.md: a build with AMX kernels loads weights with ``use_extra_bufts=False``
   (passed when the installed llama-cpp-python accepts it, otherwise set on the model parameters);
   speed's own build is compiled without AMX.
+- Sampling follows the request only, as an OpenAI API would: llama.cpp's own extras (top-k 40,
+  min-p 0.05) are off unless ``options`` sets ``top_k``, ``min_p`` or ``repeat_penalty``.
 - A prompt longer than the context, or a schema the grammar converter refuses, is a counted drop
   for that request (``Completion.error``), not a crash of the batch.
 """
@@ -35,7 +37,14 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-_OPTIONS: dict[str, Any] = {"n_batch": 512, "flash_attn": False, "verbose": False}
+_OPTIONS: dict[str, Any] = {
+    "n_batch": 512,
+    "flash_attn": False,
+    "verbose": False,
+    "top_k": 0,
+    "min_p": 0.0,
+    "repeat_penalty": 1.0,
+}
 _PATCH_LOCK = threading.Lock()
 
 
@@ -78,6 +87,9 @@ class LlamaCppBackend(Backend):
         n_batch: prompt tokens processed per step.
         flash_attn: llama.cpp's flash attention.
         verbose: let llama.cpp print its own logs to stderr.
+        top_k: top-k cut (0: off).
+        min_p: min-p cut (0: off).
+        repeat_penalty: repetition penalty (1: off).
 
     Example:
         >>> backend = LlamaCppBackend("smollm2-135m-instruct", threads=1)  # doctest: +SKIP
@@ -98,6 +110,9 @@ class LlamaCppBackend(Backend):
         n_batch: int = 512,
         flash_attn: bool = False,
         verbose: bool = False,
+        top_k: int = 0,
+        min_p: float = 0.0,
+        repeat_penalty: float = 1.0,
     ):
         llama_cpp = require("llama_cpp", extra="llamacpp", what="the llamacpp backend")
         if adapter and not adapter.endswith(".gguf"):
@@ -110,6 +125,7 @@ class LlamaCppBackend(Backend):
         self.threads = threads
         self._lock = threading.Lock()
         self._rng = random.Random()
+        self._sampler = {"top_k": top_k, "min_p": min_p, "repeat_penalty": repeat_penalty}
         kwargs: dict[str, Any] = dict(
             model_path=str(self.gguf),
             n_ctx=n_ctx,
@@ -164,6 +180,7 @@ class LlamaCppBackend(Backend):
             top_p=s.top_p,
             max_tokens=s.max_tokens,
             stop=list(s.stop) or None,
+            **self._sampler,
         )
         if req.schema is not None:
             kwargs["response_format"] = {"type": "json_object", "schema": req.schema}

@@ -20,6 +20,8 @@ Design choices:
   ``n``) is remembered and asked once per missing sample, with ``seed + i`` so seeded samples differ.
 - A JSON schema goes in ``response_format``: ``{"type": "json_schema", ...}`` (OpenAI, vLLM) or
   ``{"type": "json_object", "schema": ...}`` (llama-cpp-python's server), chosen by ``schema_mode``.
+  A server that rejects the first form (400/422 naming ``response_format``) is sent the second from
+  then on, so any of these servers works with the default.
 - The API key is read from the environment variable named by ``api_key_env`` and only ever placed in
   the Authorization header: never logged, never in the ledger, never in an error message.
 """
@@ -175,6 +177,7 @@ class OpenAIBackend(Backend):
         self._backoff = tenacity.wait_exponential_jitter(
             multiplier=retry_initial_s, jitter=retry_initial_s, max=retry_max_s
         )
+        self._mode_lock = threading.Lock()
         self._n_supported: bool | None = None  # learnt from the first answer to n > 1
         headers = {"Content-Type": "application/json"}
         if api_key:
@@ -301,8 +304,11 @@ class OpenAIBackend(Backend):
             missing = n - len(comp.texts)
             ask = missing if self._n_supported is not False else 1
             call_seed = None if seed is None else seed + len(comp.texts)
+            sent_mode = self.schema_mode
             data, tries = self._post(self._body(req, ask, call_seed), abort)
             comp.attempts += tries
+            if isinstance(data, str) and self._schema_refused(req, data, sent_mode):
+                continue  # asked again with the schema in the form the server knows
             if isinstance(data, str):
                 comp.error = data
                 break
@@ -324,6 +330,22 @@ class OpenAIBackend(Backend):
             comp.texts, comp.finish_reasons = [], []
         comp.latency_s = time.monotonic() - start
         return comp
+
+    def _schema_refused(self, req: Request, reason: str, sent_mode: str) -> bool:
+        """Whether a rejection was of the ``json_schema`` form (then switch to ``json_object``)."""
+        if req.schema is None or sent_mode != "json_schema" or not reason.startswith("rejected"):
+            return False
+        if "response_format" not in reason and "json_schema" not in reason:
+            return False
+        with self._mode_lock:
+            if self.schema_mode == "json_schema":
+                logger.warning(
+                    "%s refused response_format type json_schema; sending {'type': 'json_object', "
+                    "'schema': ...} from now on (set options.schema_mode to skip this probe)",
+                    self.endpoint,
+                )
+                self.schema_mode = "json_object"
+        return True
 
     def _take(self, data: dict[str, Any], comp: Completion, first: bool) -> str | None:
         """Append the choices of one answer to ``comp``; a reason when the answer is unusable."""

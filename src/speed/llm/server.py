@@ -17,6 +17,8 @@ Design choices:
   the server process (:mod:`speed.llm._server_child`) ends it within a second or two.
 - llama-cpp-python's server runs one request at a time and ignores ``n`` (the client then asks once
   per sample); a concurrency of 2 keeps one request queued so the model never waits on HTTP.
+- Sampling follows the request only, as an OpenAI API would: the server's own extras (top-k 40,
+  min-p 0.05, repeat penalty 1.1) are turned off unless ``options`` sets them.
 - The schema goes in ``{"type": "json_object", "schema": ...}``, the form that server understands;
   it turns the schema into a grammar, so the output follows it.
 """
@@ -292,6 +294,9 @@ _OPTIONS: dict[str, Any] = {
     "extra_args": [],
     "retry_initial_s": 1.0,
     "retry_max_s": 30.0,
+    "top_k": 0,
+    "min_p": 0.0,
+    "repeat_penalty": 1.0,
 }
 
 
@@ -309,7 +314,8 @@ class LlamaCppServerBackend(Backend):
         max_retries: retries per request on errors and dropped connections.
         model_id: label of the model in the ledger; defaults to ``model``.
         **options: ``log_path``, ``startup_timeout_s``, ``extra_args``, ``retry_initial_s``,
-            ``retry_max_s``.
+            ``retry_max_s``, and the sampler extras ``top_k`` (0: off), ``min_p`` (0: off),
+            ``repeat_penalty`` (1: off), sent with every request.
     """
 
     name = "llamacpp_server"
@@ -357,6 +363,7 @@ class LlamaCppServerBackend(Backend):
                 retry_initial_s=opts["retry_initial_s"],
                 retry_max_s=opts["retry_max_s"],
                 schema_mode="json_object",
+                extra_body={k: opts[k] for k in ("top_k", "min_p", "repeat_penalty")},
                 model_id=self.model_id,
             )
         except BaseException:
