@@ -306,8 +306,27 @@ class SynthesizeConfig(Section):
     revise: bool = Field(True, description="One revisor pass over the senior's outputs.")
     shard_size: int = Field(1000, gt=0, description="Prompts per shard (the unit of resume).")
     dedup_threshold: float = Field(0.8, gt=0, le=1, description="MinHash Jaccard threshold.")
+    decontaminate: bool = Field(
+        True, description="Drop examples sharing text with the evaluate.tasks data (needs the eval folder)."
+    )
     decontam_ngram: int = Field(13, gt=0, description="n of the word n-grams shared with eval text.")
     language: str = Field("English")
+    check_language: bool = Field(True, description="Drop examples in another language than asked.")
+    json_schema: bool = Field(
+        False,
+        description="Ask the senior and revisor for the kind's JSON schema (constrained decoding where "
+        "the backend supports it). Off as in the paper: the senior was judged on free output.",
+    )
+
+    @field_validator("kind_mix")
+    @classmethod
+    def _positive_mix(cls, value: dict[str, float]) -> dict[str, float]:
+        for kind, weight in value.items():
+            if weight < 0:
+                raise ValueError(f"synthesize.kind_mix['{kind}'] is {weight}; weights must be >= 0")
+        if not any(w > 0 for w in value.values()):
+            raise ValueError("synthesize.kind_mix gives no kind a positive weight")
+        return value
 
 
 class EmbedConfig(Section):

@@ -10,4 +10,5 @@ from speed.stages import (  # noqa: F401
     revisor,
     seed,
     senior,
+    synthesize,  # the senior writes at scale, the revisor revises (sharded, local or Ray)
 )

@@ -1,0 +1,502 @@
+"""synthesize: the senior writes the training data at scale, the revisor fixes it in one pass (SPEED).
+
+``synthesize.num_examples`` generation prompts are planned (a kind per prompt by
+``synthesize.kind_mix``, SPEED's 7:7:7:2 by default, apportioned exactly and shuffled; a task of that
+kind from the brainstorm pool; attributes from the kind's sampler) and cut into shards of
+``shard_size`` prompts. Each shard goes to a worker (``ctx.executor``: this process, or a Ray actor
+holding its own senior and revisor replicas) that runs the senior on every prompt, the revisor once
+on every answer (``synthesize.revise``), then parses and filters the result. When every shard is
+done, decontamination (against the data of ``evaluate.tasks``) and MinHash deduplication run over
+all shards in shard order, and the kept examples are written as training rows.
+
+Outputs (in the stage folder):
+- ``data/part-NNNNN.parquet``: one row per training row of a kept example, with its provenance:
+  ``id``, ``shard``, ``kind``, ``task``, ``attributes`` (JSON), ``prompt``, ``raw_output`` (the
+  senior's text), ``revisor_output``, ``revised`` (whether the revisor's version was used),
+  ``example`` (the parsed fields, JSON) and the training row itself: ``instruction``, ``query``
+  (``Instruct: {task}\\nQuery: {query}``), ``query_text`` (the bare query), ``positive``,
+  ``negative`` (null for kinds without one).
+- ``shards/NNNNN.jsonl``: every prompt of a shard with the raw outputs and the worker's drop reason
+  (kept for inspection and resume); ``shards/NNNNN.done``: the shard's completion marker, written
+  after its records; ``shards/processed.log``: one line per shard processed, in every invocation.
+- ``stats["drops"]``: drops by reason over all steps (generation errors, parse reasons, filters,
+  ``contaminated``, ``exact_duplicate``, ``near_duplicate``).
+
+Design choices:
+- Resume is by shard: a shard whose marker exists is not sent again; a shard killed halfway is
+  redone and the ledger replays the calls it finished. The prompt plan is a pure function of the
+  seed (the kind order from one stream, each shard's tasks and attributes from a stream of its own),
+  so a resumed run plans the same prompts without storing them, and the plan of a 920K run costs
+  no more memory than its list of kinds.
+- Dedup and decontamination run after generation, over all shards in shard order, on the driver:
+  the result is the same whether or not the run was killed, and whichever executor ran the shards.
+  Parsing and filtering run in the workers (they are per example, and spread the CPU work).
+- The revisor sees the generation prompt and the senior's output as written, as it was trained
+  (:func:`speed.stages.revisor.revisor_rows`), so it may also repair broken JSON. Its answer is
+  used when it parses as the kind's schema;
+  otherwise the senior's parsed example is kept (``revised`` false, counted in
+  ``stats["revisions"]["unparsed"]``), so a weak revisor never costs an example.
+- Requests carry a per-prompt seed (``ctx.seed_for``); no JSON schema is imposed unless
+  ``synthesize.json_schema`` is set, as the senior was judged and trained on free output.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from speed.executors.base import Shard, Worker, WorkerEnv, WorkerFactory
+from speed.io import atomic_write, read_jsonl, write_json, write_jsonl
+from speed.llm.base import Request, Sampling
+from speed.runner import StageContext, StageError, register
+from speed.stages.alignment import AlignmentStage, kind_templates, require_rows, task_pool
+
+logger = logging.getLogger(__name__)
+
+#: where the upstream stages keep their merged models
+MERGED = "merged"
+
+#: the columns of the Parquet output, in order (a fixed schema, so that every part file agrees)
+COLUMNS: dict[str, str] = {
+    "id": "string",
+    "shard": "string",
+    "kind": "string",
+    "task": "string",
+    "attributes": "string",
+    "prompt": "string",
+    "raw_output": "string",
+    "revisor_output": "string",
+    "revised": "bool_",
+    "example": "string",
+    "instruction": "string",
+    "query": "string",
+    "query_text": "string",
+    "positive": "string",
+    "negative": "string",
+}
+
+
+# --------------------------------------------------------------------------------------------
+# the plan
+
+
+def apportion(n: int, weights: Mapping[str, float]) -> dict[str, int]:
+    """Split ``n`` by ``weights`` exactly (largest remainder; ties in the mapping's order)."""
+    positive = {k: float(w) for k, w in weights.items() if w > 0}
+    total = sum(positive.values())
+    quotas = {k: n * w / total for k, w in positive.items()}
+    counts = {k: int(q) for k, q in quotas.items()}
+    rest = n - sum(counts.values())
+    order = sorted(positive, key=lambda k: (-(quotas[k] - counts[k]), list(positive).index(k)))
+    for k in order[:rest]:
+        counts[k] += 1
+    return counts
+
+
+def plan_kinds(n: int, kind_mix: Mapping[str, float], rng: random.Random) -> list[str]:
+    """The kind of each of ``n`` prompts: exact shares of the mix, in a seeded random order."""
+    kinds = [k for k, c in apportion(n, kind_mix).items() for _ in range(c)]
+    rng.shuffle(kinds)
+    return kinds
+
+
+def plan_shard(
+    kinds: Sequence[str],
+    start: int,
+    pool: Mapping[str, Sequence[str]],
+    rng: random.Random,
+    language: str,
+    seed_for: Any,
+) -> list[dict[str, Any]]:
+    """The prompts of one shard: for prompt ``start + i``, a task of ``kinds[i]`` and its attributes."""
+    from speed.tasks import get_kind
+
+    out = []
+    for i, name in enumerate(kinds):
+        kind = get_kind(name)
+        task = rng.choice(list(pool[name]))
+        attributes = kind.sample_attributes(rng, language)
+        index = start + i
+        out.append(
+            {
+                "index": index,
+                "kind": name,
+                "task": task,
+                "attributes": attributes,
+                "prompt": kind.generation_prompt(task, attributes),
+                "seed": seed_for("senior", index),
+                "revise_seed": seed_for("revisor", index),
+            }
+        )
+    return out
+
+
+def shard_id(i: int) -> str:
+    return f"{i:05d}"
+
+
+# --------------------------------------------------------------------------------------------
+# the worker (runs where the executor puts it)
+
+
+class SynthesisWorker(Worker):
+    """Holds a senior (and a revisor) replica; turns a shard of prompts into parsed records.
+
+    Args:
+        env: where the models come from.
+        senior_path: the senior's merged model folder.
+        revisor_path: the revisor's merged model folder, or None for no revision pass.
+        senior_sampling: ``temperature``, ``top_p``, ``max_tokens`` of the senior.
+        revisor_sampling: the same for the revisor.
+        json_schema: ask for the kind's JSON schema.
+        check_language: run the language filter.
+    """
+
+    def __init__(
+        self,
+        env: WorkerEnv,
+        *,
+        senior_path: str,
+        revisor_path: str | None,
+        senior_sampling: Mapping[str, Any],
+        revisor_sampling: Mapping[str, Any],
+        json_schema: bool = False,
+        check_language: bool = True,
+    ):
+        from speed.stages.alignment import build_filters
+
+        super().__init__(env)
+        self.senior = env.llm("senior", senior_path)
+        self.revisor = env.llm("revisor", revisor_path) if revisor_path else None
+        self.senior_sampling = dict(senior_sampling)
+        self.revisor_sampling = dict(revisor_sampling)
+        self.json_schema = json_schema
+        self.filters = build_filters(check_language)
+
+    def _calls(self) -> dict[str, int]:
+        calls = {"senior_sent": self.senior.sent, "senior_replayed": self.senior.replayed}
+        if self.revisor is not None:
+            calls |= {"revisor_sent": self.revisor.sent, "revisor_replayed": self.revisor.replayed}
+        return calls
+
+    def process(self, shard: Shard) -> dict[str, Any]:
+        from speed.data.filters import DropCounter, first_failure
+        from speed.tasks import get_kind, revisor_prompt
+
+        before = self._calls()
+        prompts: list[dict[str, Any]] = shard.payload
+        kinds = [get_kind(p["kind"]) for p in prompts]
+        schema = [k.json_schema() if self.json_schema else None for k in kinds]
+        senior = self.senior.generate(
+            [
+                Request.chat(p["prompt"], sampling=Sampling(**self.senior_sampling, seed=p["seed"]), schema=s)
+                for p, s in zip(prompts, schema, strict=True)
+            ]
+        )
+        parsed = [k.parse(c.text) if c.error is None else None for k, c in zip(kinds, senior, strict=True)]
+
+        revised_texts: dict[int, str | None] = {}
+        if self.revisor is not None:
+            todo = [i for i, c in enumerate(senior) if c.error is None and c.text.strip()]
+            requests = [
+                Request.chat(
+                    revisor_prompt(prompts[i]["prompt"], senior[i].text),
+                    sampling=Sampling(**self.revisor_sampling, seed=prompts[i]["revise_seed"]),
+                    schema=schema[i],
+                )
+                for i in todo
+            ]
+            for i, comp in zip(todo, self.revisor.generate(requests), strict=True):
+                revised_texts[i] = comp.text if comp.error is None else None
+
+        counter = DropCounter(f"synthesize shard {shard.id}")
+        unparsed_revisions = 0
+        records = []
+        for i, p in enumerate(prompts):
+            kind, comp, result = kinds[i], senior[i], parsed[i]
+            record: dict[str, Any] = {
+                **{k: p[k] for k in ("index", "kind", "task", "attributes", "prompt")},
+                "raw_output": comp.text,
+                "revisor_output": revised_texts.get(i),
+                "revised": False,
+                "example": None,
+                "drop": None,
+                "detail": "",
+            }
+            example = None
+            if i in revised_texts and revised_texts[i] is not None:
+                revision = kind.parse(revised_texts[i] or "")
+                if revision.value is not None:
+                    example, record["revised"] = revision.value, True
+                else:
+                    unparsed_revisions += 1
+            if example is None and result is not None and result.value is not None:
+                example = result.value
+            if example is None:
+                if comp.error is not None:
+                    record["drop"], record["detail"] = "generation_error", comp.error
+                else:
+                    assert result is not None
+                    record["drop"] = result.reason or "unparseable"
+                    record["detail"] = result.detail
+                counter.drop(record["drop"], record["detail"])
+            else:
+                record["example"] = example.model_dump()
+                failed = first_failure(example, kind, p["attributes"], self.filters, counter)
+                if failed is not None:
+                    record["drop"] = failed
+                else:
+                    counter.keep()
+            records.append(record)
+        after = self._calls()
+        return {
+            "records": records,
+            "calls": {k: after[k] - before.get(k, 0) for k in after},
+            "kept": counter.kept,
+            "drops": dict(counter.reasons),
+            "revised": sum(r["revised"] for r in records),
+            "unparsed_revisions": unparsed_revisions,
+            "tokens_out": sum(c.tokens_out for c in senior),
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# the stage
+
+
+@register
+class Synthesize(AlignmentStage):
+    """Senior writes, revisor revises, then parse, filter, decontaminate, dedup; sharded, resumable."""
+
+    name = "synthesize"
+    reads = ("brainstorm", "senior", "revisor")
+    roles = ("senior", "revisor")
+
+    def template_names(self, cfg: Any) -> tuple[str, ...]:
+        kinds = [k for k, w in cfg.synthesize.kind_mix.items() if w > 0]
+        names = kind_templates(kinds, generate=True)
+        if cfg.synthesize.revise:
+            names.append("revisor")
+        return tuple(names)
+
+    def template_hashes(self, cfg: Any) -> dict[str, str]:
+        hashes = super().template_hashes(cfg)
+        # the evaluation tasks decide what decontamination drops (the rest of evaluate does not)
+        from speed.stages.alignment import _hash
+
+        hashes["config:evaluate.tasks"] = _hash(list(cfg.evaluate.tasks))
+        return hashes
+
+    # -- inputs --------------------------------------------------------------------------------
+
+    @staticmethod
+    def model_dir(ctx: StageContext, stage: str) -> Path:
+        """The merged model folder an upstream stage wrote."""
+        path = ctx.input(stage) / MERGED
+        if not (path / "config.json").is_file():
+            raise StageError(f"stage 'synthesize': no merged {stage} model in {path}; rerun '{stage}'")
+        return path
+
+    def pool(self, ctx: StageContext) -> dict[str, list[str]]:
+        pool = task_pool(require_rows(ctx, "brainstorm", ("kind", "task")))
+        wanted = [k for k, w in ctx.cfg.synthesize.kind_mix.items() if w > 0]
+        empty = [k for k in wanted if not pool.get(k)]
+        if empty:
+            raise StageError(
+                f"stage 'synthesize': no brainstormed task for kind(s) {empty}; add them to "
+                "brainstorm.kinds or give them weight 0 in synthesize.kind_mix"
+            )
+        return pool
+
+    def decontaminator(self, ctx: StageContext) -> Any:
+        """The evaluation-text index, or None when decontamination is off or has no task."""
+        scfg, ecfg = ctx.cfg.synthesize, ctx.cfg.evaluate
+        if not scfg.decontaminate or not ecfg.tasks:
+            return None
+        from speed.data.decontam import Decontaminator
+
+        try:
+            return Decontaminator.from_eval_dir(ecfg.tasks, ecfg.data_dir, n=scfg.decontam_ngram)
+        except (FileNotFoundError, ValueError) as err:
+            raise StageError(
+                f"stage 'synthesize': cannot read the evaluation data to decontaminate against ({err}); "
+                "set evaluate.data_dir, or synthesize.decontaminate: false"
+            ) from None
+
+    def check(self, ctx: StageContext) -> None:
+        self.pool(ctx)
+        self.model_dir(ctx, "senior")
+        if ctx.cfg.synthesize.revise:
+            self.model_dir(ctx, "revisor")
+        if ctx.cfg.synthesize.decontaminate and ctx.cfg.evaluate.tasks:
+            from speed.data.decontam import find_eval_dir, resolve_eval_folders
+
+            try:
+                resolve_eval_folders(ctx.cfg.evaluate.tasks, find_eval_dir(ctx.cfg.evaluate.data_dir))
+            except (FileNotFoundError, ValueError) as err:
+                raise StageError(
+                    f"stage 'synthesize': cannot find the evaluation data to decontaminate against ({err}); "
+                    "set evaluate.data_dir, or synthesize.decontaminate: false"
+                ) from None
+
+    # -- run -----------------------------------------------------------------------------------
+
+    def shards(self, ctx: StageContext) -> list[Shard]:
+        """All shards of the plan (prompts included), in order."""
+        scfg = ctx.cfg.synthesize
+        pool = self.pool(ctx)
+        kinds = plan_kinds(scfg.num_examples, scfg.kind_mix, ctx.rng("kinds"))
+        out = []
+        for i, start in enumerate(range(0, len(kinds), scfg.shard_size)):
+            part = kinds[start : start + scfg.shard_size]
+            prompts = plan_shard(part, start, pool, ctx.rng(f"shard/{i}"), scfg.language, ctx.seed_for)
+            out.append(Shard(shard_id(i), prompts))
+        return out
+
+    def run(self, ctx: StageContext) -> dict[str, Any]:
+        scfg = ctx.cfg.synthesize
+        folder = ctx.out / "shards"
+        folder.mkdir(parents=True, exist_ok=True)
+        shards = self.shards(ctx)
+        todo = [s for s in shards if not (folder / f"{s.id}.done").exists()]
+        logger.info(
+            "synthesize: %d prompts in %d shards; %d done before, %d to run on the %s executor",
+            scfg.num_examples,
+            len(shards),
+            len(shards) - len(todo),
+            len(todo),
+            ctx.cfg.executor.kind,
+        )
+
+        spec_s, spec_r = ctx.cfg.models.senior, ctx.cfg.models.revisor
+        factory = WorkerFactory(
+            SynthesisWorker,
+            {
+                "senior_path": str(self.model_dir(ctx, "senior")),
+                "revisor_path": str(self.model_dir(ctx, "revisor")) if scfg.revise else None,
+                "senior_sampling": {
+                    "temperature": spec_s.temperature,
+                    "top_p": spec_s.top_p,
+                    "max_tokens": spec_s.max_tokens,
+                },
+                "revisor_sampling": {
+                    "temperature": spec_r.temperature,
+                    "top_p": spec_r.top_p,
+                    "max_tokens": spec_r.max_tokens,
+                },
+                "json_schema": scfg.json_schema,
+                "check_language": scfg.check_language,
+            },
+        )
+        calls: Counter[str] = Counter()
+        done = len(shards) - len(todo)
+        for sid, result in ctx.progress(ctx.executor.map(ctx, factory, todo), total=len(todo), desc="shards"):
+            write_jsonl(folder / f"{sid}.jsonl", result["records"])
+            summary = {k: v for k, v in result.items() if k != "records"}
+            write_json(folder / f"{sid}.done", summary)  # the shard is done once this exists
+            with open(folder / "processed.log", "a", encoding="utf-8") as log:
+                log.write(f"{sid}\n")
+            calls.update(result["calls"])
+            done += 1
+            logger.info(
+                "synthesize: shard %s done (%d/%d), kept %d of %d before dedup",
+                sid,
+                done,
+                len(shards),
+                result["kept"],
+                len(result["records"]),
+            )
+        for role in ("senior", "revisor"):
+            ctx.session.release(role)
+        stats = self.finish(ctx, [s.id for s in shards])
+        stats["shards"] = {"total": len(shards), "run": len(todo), "resumed": len(shards) - len(todo)}
+        stats["calls_this_run"] = dict(calls)
+        return stats
+
+    def finish(self, ctx: StageContext, ids: Sequence[str]) -> dict[str, Any]:
+        """Decontaminate and deduplicate across all shards (in order), write the training rows."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        from speed.data.dedup import MinHashDeduplicator, example_text
+        from speed.data.filters import DropCounter
+        from speed.tasks import get_kind
+
+        scfg = ctx.cfg.synthesize
+        folder = ctx.out / "shards"
+        data = ctx.out / "data"
+        if data.exists():  # a crash during a previous finish: write it again
+            for old in data.glob("*.parquet"):
+                old.unlink()
+        data.mkdir(parents=True, exist_ok=True)
+        decontam = self.decontaminator(ctx)
+        dedup = MinHashDeduplicator(threshold=scfg.dedup_threshold, seed=ctx.cfg.run.seed)
+        counter = DropCounter("synthesize")
+        schema = pa.schema([(name, getattr(pa, kind)()) for name, kind in COLUMNS.items()])
+        per_kind: Counter[str] = Counter()
+        revised = unparsed = tokens = rows_total = 0
+        contaminated: Counter[str] = Counter()
+        for sid in ids:
+            summary = json.loads((folder / f"{sid}.done").read_text(encoding="utf-8"))
+            unparsed += summary.get("unparsed_revisions", 0)
+            tokens += summary.get("tokens_out", 0)
+            rows: list[dict[str, Any]] = []
+            for rec in read_jsonl(folder / f"{sid}.jsonl"):
+                if rec["drop"] is not None:
+                    counter.drop(rec["drop"], rec.get("detail", ""))
+                    continue
+                example = rec["example"]
+                if decontam is not None:
+                    task = decontam.check_example(example)
+                    if task is not None:
+                        counter.drop("contaminated", f"shares text with {task}")
+                        contaminated[task] += 1
+                        continue
+                dup = dedup.check(example_text(example))
+                if dup is not None:
+                    counter.drop(dup)
+                    continue
+                counter.keep()
+                kind = get_kind(rec["kind"])
+                per_kind[rec["kind"]] += 1
+                revised += bool(rec["revised"])
+                provenance = {
+                    "id": f"{sid}-{rec['index']}",
+                    "shard": sid,
+                    "kind": rec["kind"],
+                    "task": rec["task"],
+                    "attributes": json.dumps(rec["attributes"], ensure_ascii=False),
+                    "prompt": rec["prompt"],
+                    "raw_output": rec["raw_output"],
+                    "revisor_output": rec["revisor_output"],
+                    "revised": bool(rec["revised"]),
+                    "example": json.dumps(example, ensure_ascii=False),
+                }
+                for row in kind.to_rows(rec["task"], example):
+                    rows.append({**provenance, **row, "query_text": str(example[kind.query_field])})
+            if rows:
+                table = pa.Table.from_pylist([{c: r.get(c) for c in COLUMNS} for r in rows], schema=schema)
+                with atomic_write(data / f"part-{sid}.parquet", "wb") as fh:
+                    pq.write_table(table, fh)
+                rows_total += len(rows)
+        counter.log_summary()
+        if counter.kept == 0:
+            raise StageError(
+                f"stage 'synthesize': no example survived (drops: {dict(counter.reasons)}); look at the "
+                f"raw outputs in {folder}"
+            )
+        return {
+            "count": counter.kept,
+            "rows": rows_total,
+            "generated": counter.seen,
+            "per_kind": dict(per_kind),
+            "revisions": {"used": revised, "unparsed": unparsed},
+            "contaminated": dict(contaminated),
+            "tokens_out_senior": tokens,
+            "drops": dict(counter.reasons),
+        }
