@@ -55,7 +55,7 @@ def instructed_encoder(model: Any, instructions: Mapping[str, str]) -> Any:
     class InstructedEncoder(SentenceTransformerEncoderWrapper):
         """MTEB's SentenceTransformer wrapper, with E5-style instructions on the query side."""
 
-        def encode(  # type: ignore[override]
+        def encode(
             self,
             inputs: Any,
             *,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -71,7 +72,7 @@ def markdown_table(result: Mapping[str, Any], baseline: Mapping[str, Any] | None
 
 
 def write_results(
-    out_dir: str | Path, result: Mapping[str, Any], baseline: Mapping[str, Any] | None = None
+    out_dir: str | os.PathLike[str], result: Mapping[str, Any], baseline: Mapping[str, Any] | None = None
 ) -> dict[str, Path]:
     """Write ``results.json`` (model, and baseline when given) and ``results.md`` into ``out_dir``.
 

@@ -155,7 +155,7 @@ def scale_study(
     from speed.evaluation.mteb_eval import evaluate_model
     from speed.training.contrastive import train_embedder
 
-    cfg = embed_cfg or EmbedConfig()
+    cfg = embed_cfg or EmbedConfig.model_validate({})
     names = resolve_task_names(tasks)
     wanted = sorted({int(n) for n in sizes})
     if not wanted:
@@ -182,7 +182,7 @@ def scale_study(
             else evaluate_model(baseline, names, data_dir=data_dir, batch_size=batch_size, device=device)
         )
 
-    points = []
+    points: list[dict[str, Any]] = []
     for n in wanted:
         eval_dir = out / "evals" / f"n{n}"
         done = eval_dir / "results.json"

@@ -293,7 +293,7 @@ def build_model(
     info: dict[str, Any] = {"decoder": False, "lora": False, "eos_appended": False}
     if is_st_folder:
         st = SentenceTransformer(path, device=device)
-        hf_config = st[0].auto_model.config
+        hf_config = st.transformers_model.config if st.transformers_model is not None else None
         info["decoder"] = _is_decoder(hf_config)
         pooling = next((m for m in st if isinstance(m, Pooling)), None)
         if pooling is None:
@@ -420,7 +420,7 @@ def train_embedder(
     Raises:
         EmbedDataError: no usable row is left after the checks (the counts by reason are given).
     """
-    cfg = cfg or EmbedConfig()
+    cfg = cfg or EmbedConfig.model_validate({})
     try:
         import torch
         from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
@@ -474,6 +474,7 @@ def train_embedder(
     st, info = build_model(model, cfg, device=device)
     scale = 1.0 / cfg.temperature
     gather = world > 1
+    loss: Any
     if cfg.mini_batch_size:
         loss = CachedMultipleNegativesRankingLoss(
             st, scale=scale, mini_batch_size=cfg.mini_batch_size, gather_across_devices=gather
