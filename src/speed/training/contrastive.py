@@ -377,6 +377,28 @@ def _merge_lora(st: Any) -> None:
 # training
 
 
+def _loss_logger() -> Any:
+    """A TrainerCallback that sends the trainer's periodic logs to this module's logger."""
+    from transformers import TrainerCallback
+
+    class LossLogger(TrainerCallback):
+        """Send the trainer's periodic logs (loss, learning rate) to this module's logger."""
+
+        def on_log(
+            self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any
+        ) -> None:
+            if logs and "loss" in logs and state.is_world_process_zero:
+                logger.info(
+                    "step %d/%d loss %.4f lr %.2e",
+                    state.global_step,
+                    state.max_steps,
+                    float(logs["loss"]),
+                    float(logs.get("learning_rate", math.nan)),
+                )
+
+    return LossLogger()
+
+
 def _world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
@@ -397,6 +419,7 @@ def train_embedder(
     device: str | None = None,
     logging_steps: int | None = None,
     callbacks: list[Any] | None = None,
+    progress: bool = False,
 ) -> EmbedResult:
     """Train an embedding model contrastively (E5 recipe) and save it.
 
@@ -413,6 +436,7 @@ def train_embedder(
         device: ``cpu``, ``cuda`` or None (automatic).
         logging_steps: Steps between loss records; None: every step up to 200 steps, then 1/200th.
         callbacks: Extra ``transformers.TrainerCallback`` objects (progress, stop).
+        progress: Show the HF Trainer's progress bar (for the CLI); losses are logged either way.
 
     Returns:
         An ``EmbedResult``; ``training_stats.json`` in ``out_dir`` holds the same.
@@ -526,6 +550,13 @@ def train_embedder(
         trainer = SentenceTransformerTrainer(
             model=st, args=args, train_dataset=train_dataset, loss=loss, callbacks=callbacks
         )
+        # the library reports through logging; progress bars are the caller's choice
+        from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+        if not progress:
+            trainer.remove_callback(ProgressCallback)
+        trainer.remove_callback(PrinterCallback)
+        trainer.add_callback(_loss_logger())
         output = trainer.train()
         history = [
             {
