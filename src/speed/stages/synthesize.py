@@ -44,7 +44,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
+import socket
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -262,6 +264,8 @@ class SynthesisWorker(Worker):
             "revised": sum(r["revised"] for r in records),
             "unparsed_revisions": unparsed_revisions,
             "tokens_out": sum(c.tokens_out for c in senior),
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
         }
 
 
