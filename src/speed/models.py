@@ -446,9 +446,9 @@ def convert_gguf_to_hf(gguf: str | os.PathLike[str], out_dir: str | os.PathLike[
                 "pip install 'speed[train]'"
             ) from err
         logger.info("converting %s to a safetensors folder %s (once)", gguf, out)
-        model = AutoModelForCausalLM.from_pretrained(
-            str(gguf.parent), gguf_file=gguf.name, dtype=torch.bfloat16
-        )
+        # float32 is the fast path of transformers' GGUF loader; bfloat16 (the upstream dtype) halves the folder
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        model = model.to(torch.bfloat16)
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         # a model loaded from GGUF keeps quantization marks that refuse save_pretrained and training
         setattr(model, "hf_quantizer", None)  # noqa: B010 - the attribute is typed as non-optional
