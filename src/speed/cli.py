@@ -192,6 +192,78 @@ def cmd_cost(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from speed.evaluation import evaluate_model, markdown_table
+
+    result = evaluate_model(
+        args.model,
+        args.tasks.split(","),
+        data_dir=args.data_dir,
+        out_dir=args.out,
+        instructions=args.instructions,
+        batch_size=args.batch_size,
+        baseline=args.baseline,
+        threads=args.threads,
+    )
+    print(markdown_table(result, result.get("baseline")))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from speed.export import export_run
+
+    print(export_run(args.run, args.format, args.out, overwrite=args.overwrite, seed=args.seed))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from speed.llm.server import serve
+
+    serve(args.model, port=args.port, threads=args.threads, n_ctx=args.n_ctx, file=args.file)
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from speed.models import is_installed, list_packaged
+
+    rows = [("name", "installed", "install with")]
+    for m in list_packaged():
+        rows.append((m.name, "yes" if is_installed(m.name) else "no", m.install_command))
+    _print_table(rows)
+    return 0
+
+
+def cmd_scale_study(args: argparse.Namespace) -> int:
+    from speed.evaluation.scale import scale_study
+    from speed.io import read_rows
+
+    cfg, run_dir = _load_run(args.run)
+    synth = run_dir / "synthesize"
+    if not (synth / "manifest.json").exists():
+        raise ConfigError(f"'{run_dir}' has no finished synthesize stage; run the pipeline first")
+    rows = read_rows(synth)
+    sizes = [int(x) for x in args.sizes.split(",") if x.strip()]
+    too_big = [n for n in sizes if n > len(rows)]
+    if too_big:
+        raise ConfigError(f"--sizes {too_big} exceed the {len(rows)} training rows of {synth}")
+    study = scale_study(
+        rows,
+        sizes,
+        cfg.models.embedder.model or "",
+        args.tasks.split(",") if args.tasks else cfg.evaluate.tasks,
+        args.out or run_dir / "scale_study",
+        cfg.embed,
+        data_dir=cfg.evaluate.data_dir,
+        baseline=cfg.evaluate.baseline or cfg.models.embedder.model,
+        seed=cfg.run.seed,
+        threads=cfg.run.threads,
+    )
+    fit = study["fit"]
+    print(f"score = {fit['a']:.4f} + {fit['b']:.4f} ln(n)   (r2 {fit['r2']:.3f}, {fit['n_points']} points)")
+    print(f"plot: {study['paths']['plot']}")
+    return 0
+
+
 # --------------------------------------------------------------------------------------------
 
 
@@ -240,12 +312,47 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("run")
     rp.set_defaults(func=cmd_report)
 
-    for extra in _EXTRA_COMMANDS:
-        extra(sub)
+    e = sub.add_parser("eval", help="evaluate an embedding model on MTEB tasks read from local folders")
+    e.add_argument("model", help="model folder, packaged model or hub name")
+    e.add_argument(
+        "--tasks",
+        default="STSBenchmark,SICK-R,Banking77Classification",
+        help="comma-separated MTEB task names or suites (default: %(default)s)",
+    )
+    e.add_argument("--data-dir", help="evaluation data folder (default: $SPEED_EVAL_DIR)")
+    e.add_argument("--out", help="folder for results.json and results.md")
+    e.add_argument("--baseline", help="a model evaluated beside it")
+    e.add_argument("--instructions", action="store_true", help="E5-style per-task query instructions")
+    e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--threads", type=int, default=None)
+    e.set_defaults(func=cmd_eval)
+
+    x = sub.add_parser("export", help="export a run's synthetic data for other trainers")
+    x.add_argument("run")
+    x.add_argument("--format", required=True, choices=["hf", "sentence-transformers", "flagembedding"])
+    x.add_argument("out", help="output folder (flagembedding: a .jsonl file or a folder)")
+    x.add_argument("--overwrite", action="store_true")
+    x.add_argument("--seed", type=int, default=0, help="seed of flagembedding's sampled negatives")
+    x.set_defaults(func=cmd_export)
+
+    sv = sub.add_parser("serve", help="serve a model with llama.cpp's OpenAI-compatible server (127.0.0.1)")
+    sv.add_argument("model", help="packaged model name (see `speed models`) or a GGUF path")
+    sv.add_argument("--port", type=int, default=None)
+    sv.add_argument("--threads", type=int, default=1)
+    sv.add_argument("--n-ctx", type=int, default=4096)
+    sv.add_argument("--file", help="GGUF file inside a folder")
+    sv.set_defaults(func=cmd_serve)
+
+    m = sub.add_parser("models", help="list the models that install from PyPI packages")
+    m.set_defaults(func=cmd_models)
+
+    sc = sub.add_parser("scale-study", help="train on nested subsets, evaluate, fit score = a + b ln(n)")
+    sc.add_argument("run")
+    sc.add_argument("--sizes", required=True, help="comma-separated subset sizes, e.g. 1000,2000,4000")
+    sc.add_argument("--tasks", help="comma-separated tasks (default: evaluate.tasks of the run)")
+    sc.add_argument("--out", help="output folder (default: RUN/scale_study)")
+    sc.set_defaults(func=cmd_scale_study)
     return p
-
-
-_EXTRA_COMMANDS: list[Any] = []
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,3 +12,6 @@ from speed.stages import (  # noqa: F401
     senior,
     synthesize,  # the senior writes at scale, the revisor revises (sharded, local or Ray)
 )
+
+# the embedding model and its evaluation
+from speed.stages import embed, evaluate  # noqa: E402, F401
