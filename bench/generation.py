@@ -9,7 +9,8 @@ end (prompt processing and HTTP included), for:
 - ``raw``: ``llama_cpp.Llama.create_chat_completion`` called directly, no speed code at all.
 
 Batch 1 is the median over ``--repeats`` single-prompt calls; batch 8 is the median over
-``--repeats-batch`` calls of 8 prompts each (llama.cpp answers them one after another; transformers
+``--repeats-batch`` calls of 8 prompts each; the backends of one model and thread count are loaded
+together and called round-robin, so load changes of a shared machine hit them alike (llama.cpp answers them one after another; transformers
 pads them into one batch). Sampling is SPEED's (temperature 1, top-p 1, no top-k/min-p) with fixed
 seeds; prompts ask for long answers so that most samples run to ``--max-tokens``.
 
@@ -37,6 +38,9 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# the policy speed's llama.cpp backends use (see speed.llm.llamacpp); raw llama-cpp-python in this
+# process gets the same, so the comparison is fair
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from speed.llm import Backend, Request, Sampling
 from speed.models import resolve_gguf, resolve_hf
@@ -82,16 +86,11 @@ def _requests(n: int, max_tokens: int, offset: int) -> list[Request]:
     ]
 
 
-def _measure(generate: Callable[[list[Request]], int], batch: int, repeats: int, max_tokens: int) -> float:
-    """Median generated tokens per second over ``repeats`` calls of ``batch`` requests."""
-    generate(_requests(1, 4, 99))  # warm-up: first-call allocations, server connection
-    rates = []
-    for r in range(repeats):
-        reqs = _requests(batch, max_tokens, r * batch)
-        start = time.perf_counter()
-        tokens = generate(reqs)
-        rates.append(tokens / (time.perf_counter() - start))
-    return statistics.median(rates)
+def _timed(generate: Callable[[list[Request]], int], reqs: list[Request]) -> float:
+    """Generated tokens per second of one call."""
+    start = time.perf_counter()
+    tokens = generate(reqs)
+    return tokens / (time.perf_counter() - start)
 
 
 def _speed_backend(backend: Backend) -> Callable[[list[Request]], int]:
@@ -167,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3, help="calls measured at batch 1")
     p.add_argument("--repeats-batch", type=int, default=1, help="calls measured at batch > 1")
+    p.add_argument("--budget-s", type=float, default=240, help="stop repeating a cell after this long")
     p.add_argument("--quick", action="store_true", help="SmolLM2 only, 1 thread")
     args = p.parse_args(argv)
     if args.quick:
@@ -184,42 +184,57 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"max_tokens {args.max_tokens}, temperature 1, top_p 1, no top-k/min-p; repeats: batch 1 x{args.repeats},"
           f" batch>1 x{args.repeats_batch}")  # fmt: skip
+    print(
+        f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}; backends of one model and thread count run round-robin"
+    )
     print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     for model in models:  # convert/join outside the timings
         resolve_gguf(model)
         if "hf" in kinds:
             resolve_hf(model)
     print()
-    header = f"{'model':<30} {'backend':<16} {'threads':>7} {'batch':>5} {'tok/s':>8} {'raw tok/s':>9}  note"
+    header = f"{'model':<30} {'backend':<16} {'threads':>7} {'batch':>5} {'tok/s':>8} {'raw tok/s':>9}  calls, note"
     print(header)
     print("-" * len(header))
-    raw: dict[tuple[str, int, int], float] = {}
     for model in models:
         for threads in threads_list:
-            for kind in sorted(kinds, key=lambda k: k != "raw"):  # raw first: the reference
-                close: Callable[[], None] | None = None
+            # every backend of one (model, threads) is loaded at once and the calls go round-robin,
+            # so that a change in the machine's load hits all of them alike
+            opened: dict[str, tuple[Callable[[list[Request]], int], Callable[[], None], str]] = {}
+            for kind in kinds:
                 try:
-                    gen, close, note = _open(kind, model, threads, max(batches))
-                    for batch in batches:
-                        reps = args.repeats if batch == 1 else args.repeats_batch
-                        rate = _measure(gen, batch, reps, args.max_tokens)
-                        if kind == "raw":
-                            raw[(model, threads, batch)] = rate
-                        ref = raw.get((model, threads, batch))
+                    opened[kind] = _open(kind, model, threads, max(batches))
+                    opened[kind][0](_requests(1, 4, 99))  # warm-up
+                except Exception as err:  # a bench reports what failed and goes on with the rest
+                    print(f"{model:<30} {kind:<16} {threads:>7}  failed to load: {type(err).__name__}: {err}")
+            try:
+                for batch in batches:
+                    reps = args.repeats if batch == 1 else args.repeats_batch
+                    rates: dict[str, list[float]] = {k: [] for k in opened}
+                    started = time.monotonic()
+                    for r in range(reps):
+                        if r and time.monotonic() - started > args.budget_s:
+                            break  # enough for a median on a machine this slow
+                        reqs = _requests(batch, args.max_tokens, r * batch)
+                        for kind, (gen, _, _) in opened.items():
+                            try:
+                                rates[kind].append(_timed(gen, reqs))
+                            except Exception as err:
+                                print(f"{model:<30} {kind:<16} {threads:>7} {batch:>5}  failed: {err}")
+                    medians = {k: statistics.median(v) for k, v in rates.items() if v}
+                    ref = medians.get("raw")
+                    for kind, rate in medians.items():
                         ref_text = f"{ref:9.1f}" if ref is not None else f"{'-':>9}"
+                        note = opened[kind][2]
+                        calls = f"{len(rates[kind])} call(s)"
                         print(
-                            f"{model:<30} {kind:<16} {threads:>7} {batch:>5} {rate:8.1f} {ref_text}  {note}",
+                            f"{model:<30} {kind:<16} {threads:>7} {batch:>5} {rate:8.1f} {ref_text}  {calls} {note}",
                             flush=True,
                         )
-                except Exception as err:  # a bench reports what failed and goes on with the rest
-                    print(
-                        f"{model:<30} {kind:<16} {threads:>7}  failed: {type(err).__name__}: {err}",
-                        flush=True,
-                    )
-                finally:
-                    if close is not None:
-                        close()
-                    gc.collect()
+            finally:
+                for _, close, _ in opened.values():
+                    close()
+                gc.collect()
     print()
     print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     return 0

@@ -8,6 +8,8 @@ Design choices:
   the output follows the schema token by token.
 - ``n`` samples are ``n`` calls. A request's ``seed`` makes its samples reproducible (sample ``i``
   uses ``seed + i``); without one, each sample draws a fresh seed.
+- OpenMP waits passively (``OMP_WAIT_POLICY=PASSIVE`` unless set): on a shared machine spinning
+  threads made 2 threads 10-20x slower than 1; passively they are not (see :func:`_passive_openmp`).
 - The AMX crash of MODELS.md: a build with AMX kernels loads weights with ``use_extra_bufts=False``
   (passed when the installed llama-cpp-python accepts it, otherwise set on the model parameters);
   speed's own build is compiled without AMX.
@@ -22,7 +24,9 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import os
 import random
+import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -46,6 +50,23 @@ _OPTIONS: dict[str, Any] = {
     "repeat_penalty": 1.0,
 }
 _PATCH_LOCK = threading.Lock()
+
+
+def _passive_openmp() -> None:
+    """Ask OpenMP to sleep, not spin, while its threads wait (unless the user chose otherwise).
+
+    llama.cpp's threads meet at a barrier after every operation. Spinning there is fastest on an idle
+    machine, but when another process holds one of the cores each barrier waits for a time slice:
+    on a busy 2-core machine 2 threads fell from ~40 to ~2.5 tokens/s with spinning, and 1 thread
+    lost nothing with the passive policy (bench/generation.py). The policy is read once, when the
+    OpenMP runtime starts, so it only helps if llama_cpp is not imported yet.
+    """
+    if "OMP_WAIT_POLICY" in os.environ:
+        return
+    if "llama_cpp" in sys.modules:
+        logger.debug("llama_cpp already imported; OMP_WAIT_POLICY=PASSIVE would come too late")
+        return
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
 
 @contextlib.contextmanager
@@ -114,6 +135,7 @@ class LlamaCppBackend(Backend):
         min_p: float = 0.0,
         repeat_penalty: float = 1.0,
     ):
+        _passive_openmp()
         llama_cpp = require("llama_cpp", extra="llamacpp", what="the llamacpp backend")
         if adapter and not adapter.endswith(".gguf"):
             raise ValueError(

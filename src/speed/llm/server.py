@@ -15,6 +15,8 @@ Design choices:
   :meth:`LlamaCppServer.stop`: on ``close()``, on leaving a ``with`` block (errors and Ctrl-C
   included) and at interpreter exit (``atexit``). If our process is killed outright, a watchdog in
   the server process (:mod:`speed.llm._server_child`) ends it within a second or two.
+- The server's OpenMP threads wait passively (``OMP_WAIT_POLICY=PASSIVE`` unless set): spinning
+  threads made 2 threads 10-20x slower than 1 on a busy 2-core machine.
 - llama-cpp-python's server runs one request at a time and ignores ``n`` (the client then asks once
   per sample); a concurrency of 2 keeps one request queued so the model never waits on HTTP.
 - Sampling follows the request only, as an OpenAI API would: the server's own extras (top-k 40,
@@ -197,6 +199,8 @@ class LlamaCppServer:
         self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - kept open for the process' life
         env = dict(os.environ)
         env.setdefault("OMP_NUM_THREADS", str(self.threads))
+        # sleep, not spin, at llama.cpp's barriers: spinning threads crawl when the cores are shared
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         logger.info(
             "starting llama.cpp server for %s on %s:%s (%d thread(s)); log: %s",
             self.gguf.name, self.host, self.port, self.threads, self.log_path,
