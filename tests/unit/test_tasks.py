@@ -27,6 +27,7 @@ from speed.tasks import (
     revise_prompt,
     revision_schema,
     revisor_prompt,
+    strict_schema,
     sts,
     template_hash,
     template_path,
@@ -321,7 +322,8 @@ def test_parse_judgement():
     assert out_of_range.reason == "judge_index_out_of_range" and "only 3" in out_of_range.detail
     same = parse_judgement('{"reason": "", "best": 2, "worst": 2}', 3)
     assert same.reason == "schema_mismatch" and "must differ" in same.detail
-    assert Judgement.model_json_schema()["required"] == ["best", "worst"]
+    schema = strict_schema(Judgement)
+    assert schema["required"] == ["reason", "best", "worst"] and schema["additionalProperties"] is False
 
 
 def test_revise_prompt_and_parse_revision():
@@ -336,8 +338,11 @@ def test_revise_prompt_and_parse_revision():
     assert result.value.revised.S3 == "A dog barks." and result.value.reason == "S3 was too close"
     missing = parse_revision('{"reason": "x", "revised": {"S1": "a", "S2": "b"}}', get_kind("sts"))
     assert missing.reason == "schema_mismatch" and "revised.S3" in missing.detail
-    schema = revision_schema("retrieval").model_json_schema()
-    assert "revised" in schema["properties"]
+    schema = strict_schema(revision_schema("retrieval"))
+    assert schema["required"] == ["reason", "revised"]
+    nested = schema["$defs"]["RetrievalExample"]
+    assert nested["required"] == ["user_query", "positive_document", "hard_negative_document"]
+    assert nested["additionalProperties"] is False
 
 
 def test_revisor_prompt_holds_prompt_and_example():

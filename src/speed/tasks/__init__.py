@@ -10,7 +10,10 @@ from speed.tasks import retrieval, classification, sts, matching, bitext  # noqa
 
 # isort: on
 from speed.tasks.base import (
+    JUDGE_TEMPLATE,
     QUERY_FORMAT,
+    REVISE_TEMPLATE,
+    REVISOR_TEMPLATE,
     Example,
     Judgement,
     Revision,
@@ -31,12 +34,16 @@ from speed.tasks.base import (
     revise_prompt,
     revision_schema,
     revisor_prompt,
+    strict_schema,
     template_hash,
     template_path,
 )
 
 __all__ = [
+    "JUDGE_TEMPLATE",
     "QUERY_FORMAT",
+    "REVISE_TEMPLATE",
+    "REVISOR_TEMPLATE",
     "Example",
     "Judgement",
     "Revision",
@@ -57,6 +64,7 @@ __all__ = [
     "revise_prompt",
     "revision_schema",
     "revisor_prompt",
+    "strict_schema",
     "template_hash",
     "template_path",
 ]

@@ -175,6 +175,26 @@ def weighted_choice(rng: random.Random, weights: Mapping[Any, float]) -> Any:
 # schemas
 
 
+def strict_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """JSON schema of ``model`` for constrained decoding: in every object all properties are required
+    and no others are allowed (what grammar-based decoders and OpenAI's strict mode expect)."""
+
+    def tighten(node: Any) -> None:
+        if isinstance(node, dict):
+            if node.get("type") == "object" and "properties" in node:
+                node["required"] = list(node["properties"])
+                node["additionalProperties"] = False
+            for value in node.values():
+                tighten(value)
+        elif isinstance(node, list):
+            for value in node:
+                tighten(value)
+
+    schema = model.model_json_schema()
+    tighten(schema)
+    return schema
+
+
 class Example(BaseModel):
     """Base of every kind's output schema.
 
@@ -188,9 +208,7 @@ class Example(BaseModel):
     @classmethod
     def json_schema(cls) -> dict[str, Any]:
         """JSON schema for constrained decoding: every field required, no other keys."""
-        schema = cls.model_json_schema()
-        schema["additionalProperties"] = False
-        return schema
+        return strict_schema(cls)
 
 
 class TaskList(BaseModel):
