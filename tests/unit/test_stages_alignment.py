@@ -336,3 +336,14 @@ def test_keys_follow_topics_kinds_and_templates(tmp_path: Path, base: Path) -> N
     judge = Runner(load_config(path, ["judge.shuffle=false"])).keys
     assert judge["candidates"] == keys["candidates"] and judge["judge"] != keys["judge"]
     assert judge["senior"] != keys["senior"] and judge["revisor"] != keys["revisor"]
+
+
+def test_drop_mode_counts_lists_left_with_one_parseable(tmp_path: Path, base: Path, fakes) -> None:
+    rows = [_row(0, ["broken", '{"a": "good"}', "also broken"], [False, True, False])]
+    runner = _candidates_run(
+        tmp_path, base, [*rows, _row(1, ['{"a": 1}', '{"a": 2}'], [True, True])], "judge: {unparseable: drop}"
+    )
+    runner.run(only="judge")
+    stats = read_json(tmp_path / "run" / "judge" / "manifest.json")["stats"]
+    assert stats["drops"] == {"one_parseable_candidate": 1}
+    assert stats["count"] == 1 and len(fakes["teacher"].calls) == 1

@@ -103,6 +103,6 @@ class Candidates(AlignmentStage):
             "count": len(rows),
             "samples": samples,
             "parse_rate": round(parsed_total / samples, 4) if samples else 0.0,
-            "seed_prompts_skipped": repeats,
+            "repeated_prompts_skipped": repeats,
             "drops": dict(counter.reasons),
         }

@@ -15,7 +15,8 @@ Design choices:
 - Unparseable candidates (``judge.unparseable``): ``show`` (default) lets the judge see them, so a
   broken candidate can be the rejected side of a pair (which teaches the senior to write valid
   JSON), but a verdict that names one as *best* is dropped (``best_unparseable``): we never train
-  towards broken output. ``drop`` removes them before judging.
+  towards broken output. ``drop`` removes them before judging (a list left with one distinct
+  candidate that parses: ``one_parseable_candidate``).
 - Verdicts the pair cannot come from are dropped and counted, never trained on: unparseable
   answers (the parser's reason), ``judge_same_index`` (best == worst) and
   ``judge_index_out_of_range`` (a number outside 1..shown).
@@ -49,6 +50,7 @@ OUT_OF_RANGE = "judge_index_out_of_range"
 BEST_UNPARSEABLE = "best_unparseable"
 IDENTICAL = "identical_candidates"
 NONE_PARSEABLE = "no_parseable_candidate"
+ONE_PARSEABLE = "one_parseable_candidate"
 
 
 class _AnyVerdict(Judgement):
@@ -93,13 +95,18 @@ def to_original(order: Sequence[int], shown_number: int) -> int:
     return order[shown_number - 1]
 
 
+#: cap on the judge's reason under constrained decoding: a small judge can loop inside the string
+#: until max_tokens cuts the JSON before the verdict
+REASON_MAX_CHARS = 600
+
+
 def verdict_schema(num_shown: int) -> dict[str, Any]:
     """JSON schema of the judge's answer for ``num_shown`` candidates (reason first, then the verdict)."""
     numbers = list(range(1, num_shown + 1))
     return {
         "type": "object",
         "properties": {
-            "reason": {"type": "string"},
+            "reason": {"type": "string", "maxLength": REASON_MAX_CHARS},
             "best": {"type": "integer", "enum": numbers},
             "worst": {"type": "integer", "enum": numbers},
         },
@@ -155,11 +162,13 @@ class Judge(AlignmentStage):
                 dropped.append({**row, "reason": NONE_PARSEABLE})
                 continue
             idx = distinct_indices(texts)
-            if jcfg.unparseable == "drop":
+            reason = IDENTICAL
+            if len(idx) >= 2 and jcfg.unparseable == "drop":
                 idx = [j for j in idx if parsed[j]]
+                reason = ONE_PARSEABLE
             if len(idx) < 2:
-                counter.drop(IDENTICAL)
-                dropped.append({**row, "reason": IDENTICAL})
+                counter.drop(reason)
+                dropped.append({**row, "reason": reason})
                 continue
             rng = random.Random(ctx.seed_for("order", i)) if jcfg.shuffle else None
             todo.append((row, shuffled_order(idx, rng)))

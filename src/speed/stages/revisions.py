@@ -34,6 +34,7 @@ from speed.stages.alignment import (
     sampling,
     task_pool,
 )
+from speed.stages.judge import REASON_MAX_CHARS
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +43,10 @@ def revision_json_schema(kind: Any) -> dict[str, Any]:
     """JSON schema of the teacher's revision of one example of ``kind`` (reason first)."""
     return {
         "type": "object",
-        "properties": {"reason": {"type": "string"}, "revised": kind.json_schema()},
+        "properties": {
+            "reason": {"type": "string", "maxLength": REASON_MAX_CHARS},
+            "revised": kind.json_schema(),
+        },
         "required": ["reason", "revised"],
         "additionalProperties": False,
     }
