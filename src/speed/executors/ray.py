@@ -218,7 +218,9 @@ class RayExecutor(Executor):
         if self.ex.address is None:
             # a local Ray: declare at least the CPUs the pool needs (logical units on a small box)
             need = int(self.ex.num_workers * self.ex.cpus_per_worker + 0.999)
+            # "local": a new Ray of our own, never one that happens to run on this machine
             ray.init(
+                address="local",
                 num_cpus=max(os.cpu_count() or 1, need),
                 include_dashboard=False,
                 log_to_driver=True,

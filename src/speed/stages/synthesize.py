@@ -26,8 +26,8 @@ Design choices:
 - Resume is by shard: a shard whose marker exists is not sent again; a shard killed halfway is
   redone and the ledger replays the calls it finished. The prompt plan is a pure function of the
   seed (the kind order from one stream, each shard's tasks and attributes from a stream of its own),
-  so a resumed run plans the same prompts without storing them, and the plan of a 920K run costs
-  no more memory than its list of kinds.
+  so a resumed run plans the same prompts without storing them. A shard carries only its kinds and
+  seeds; the worker renders its prompts, so the driver of a 920K run never holds 920K prompts.
 - Dedup and decontamination run after generation, over all shards in shard order, on the driver:
   the result is the same whether or not the run was killed, and whichever executor ran the shards.
   Parsing and filtering run in the workers (they are per example, and spread the CPU work).
@@ -113,7 +113,8 @@ def plan_shard(
     pool: Mapping[str, Sequence[str]],
     rng: random.Random,
     language: str,
-    seed_for: Any,
+    seeds: Sequence[int],
+    revise_seeds: Sequence[int],
 ) -> list[dict[str, Any]]:
     """The prompts of one shard: for prompt ``start + i``, a task of ``kinds[i]`` and its attributes."""
     from speed.tasks import get_kind
@@ -123,19 +124,33 @@ def plan_shard(
         kind = get_kind(name)
         task = rng.choice(list(pool[name]))
         attributes = kind.sample_attributes(rng, language)
-        index = start + i
         out.append(
             {
-                "index": index,
+                "index": start + i,
                 "kind": name,
                 "task": task,
                 "attributes": attributes,
                 "prompt": kind.generation_prompt(task, attributes),
-                "seed": seed_for("senior", index),
-                "revise_seed": seed_for("revisor", index),
+                "seed": seeds[i],
+                "revise_seed": revise_seeds[i],
             }
         )
     return out
+
+
+def shard_prompts(
+    payload: Mapping[str, Any], pool: Mapping[str, Sequence[str]], language: str
+) -> list[dict[str, Any]]:
+    """The prompts a shard's payload stands for (built where the shard runs, not on the driver)."""
+    return plan_shard(
+        payload["kinds"],
+        payload["start"],
+        pool,
+        random.Random(payload["rng_seed"]),
+        language,
+        payload["seeds"],
+        payload["revise_seeds"],
+    )
 
 
 def shard_id(i: int) -> str:
@@ -155,6 +170,8 @@ class SynthesisWorker(Worker):
         revisor_path: the revisor's merged model folder, or None for no revision pass.
         senior_sampling: ``temperature``, ``top_p``, ``max_tokens`` of the senior.
         revisor_sampling: the same for the revisor.
+        pool: brainstormed tasks per kind.
+        language: the language of the examples.
         json_schema: ask for the kind's JSON schema.
         check_language: run the language filter.
     """
@@ -167,6 +184,8 @@ class SynthesisWorker(Worker):
         revisor_path: str | None,
         senior_sampling: Mapping[str, Any],
         revisor_sampling: Mapping[str, Any],
+        pool: Mapping[str, Sequence[str]],
+        language: str = "English",
         json_schema: bool = False,
         check_language: bool = True,
     ):
@@ -177,6 +196,8 @@ class SynthesisWorker(Worker):
         self.revisor = env.llm("revisor", revisor_path) if revisor_path else None
         self.senior_sampling = dict(senior_sampling)
         self.revisor_sampling = dict(revisor_sampling)
+        self.pool = pool
+        self.language = language
         self.json_schema = json_schema
         self.filters = build_filters(check_language)
 
@@ -191,7 +212,7 @@ class SynthesisWorker(Worker):
         from speed.tasks import get_kind, revisor_prompt
 
         before = self._calls()
-        prompts: list[dict[str, Any]] = shard.payload
+        prompts = shard_prompts(shard.payload, self.pool, self.language)
         kinds = [get_kind(p["kind"]) for p in prompts]
         schema = [k.json_schema() if self.json_schema else None for k in kinds]
         senior = self.senior.generate(
@@ -300,9 +321,10 @@ class Synthesize(AlignmentStage):
 
     @staticmethod
     def model_dir(ctx: StageContext, stage: str) -> Path:
-        """The merged model folder an upstream stage wrote."""
+        """The merged model folder an upstream stage wrote (transformers files, or a GGUF put
+        beside them for the llama.cpp backends)."""
         path = ctx.input(stage) / MERGED
-        if not (path / "config.json").is_file():
+        if not ((path / "config.json").is_file() or any(path.glob("*.gguf"))):
             raise StageError(f"stage 'synthesize': no merged {stage} model in {path}; rerun '{stage}'")
         return path
 
@@ -351,15 +373,22 @@ class Synthesize(AlignmentStage):
     # -- run -----------------------------------------------------------------------------------
 
     def shards(self, ctx: StageContext) -> list[Shard]:
-        """All shards of the plan (prompts included), in order."""
+        """All shards of the plan, in order. A payload holds the shard's kinds, seeds and the seed
+        of its task and attribute draws; :func:`shard_prompts` turns it into prompts."""
         scfg = ctx.cfg.synthesize
-        pool = self.pool(ctx)
         kinds = plan_kinds(scfg.num_examples, scfg.kind_mix, ctx.rng("kinds"))
         out = []
         for i, start in enumerate(range(0, len(kinds), scfg.shard_size)):
             part = kinds[start : start + scfg.shard_size]
-            prompts = plan_shard(part, start, pool, ctx.rng(f"shard/{i}"), scfg.language, ctx.seed_for)
-            out.append(Shard(shard_id(i), prompts))
+            indices = range(start, start + len(part))
+            payload = {
+                "start": start,
+                "kinds": part,
+                "rng_seed": ctx.rng(f"shard/{i}").getrandbits(64),
+                "seeds": [ctx.seed_for("senior", j) for j in indices],
+                "revise_seeds": [ctx.seed_for("revisor", j) for j in indices],
+            }
+            out.append(Shard(shard_id(i), payload))
         return out
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
@@ -393,6 +422,8 @@ class Synthesize(AlignmentStage):
                     "top_p": spec_r.top_p,
                     "max_tokens": spec_r.max_tokens,
                 },
+                "pool": self.pool(ctx),
+                "language": scfg.language,
                 "json_schema": scfg.json_schema,
                 "check_language": scfg.check_language,
             },
