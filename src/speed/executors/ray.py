@@ -6,8 +6,10 @@ with ``num_cpus`` / ``num_gpus`` per actor from :class:`~speed.config.ExecutorCo
 builds the stage's worker once (loading its models: a vLLM engine per GPU, a llama.cpp or
 transformers model per CPU slot) and then processes the shards Ray Data streams to it. Results come
 back to the driver as shards finish; the stage, on the driver, writes them. The same code runs
-with a local ``ray.init()`` (``executor.address: null``) and with a cluster
-(``executor.address: auto`` or ``HOST:6379`` on a node of the cluster).
+with a local Ray (``executor.address: null``: a new Ray of its own, sized for the pool, stopped at
+the end) and with a cluster (``executor.address: auto`` or ``HOST:6379``, from a node of the
+cluster; with Ray's token authentication, the driver needs the cluster's token as any Ray driver
+does: ``~/.ray/auth_token`` or ``RAY_AUTH_TOKEN``).
 
 The ledger on Ray -- the design choice:
     Every call is still counted and replayed, at the granularity of single calls, through a small
@@ -25,8 +27,9 @@ The ledger on Ray -- the design choice:
 
 Requirements on a cluster: ``speed`` (with the backend's extra) installed on every node, and model
 folders trained in the run (senior, revisor) readable at the same path on every node (a shared
-filesystem, or the run copied there). Ray Client addresses (``ray://``) work only when the run
-folder is on the head node, where the ledger server then runs.
+filesystem, or the run copied there). Run ``speed`` on a node of the cluster (usually the head):
+the ledger server is pinned to the driver's node, so a Ray Client driver (``ray://`` address, off
+the cluster) is not supported.
 """
 
 from __future__ import annotations
