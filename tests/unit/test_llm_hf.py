@@ -178,3 +178,20 @@ def test_dtype_auto_on_cpu_is_a_float_type(tiny: dict[str, Path]) -> None:
     backend = _backend(tiny["base"], dtype="auto")
     assert backend.torch_dtype in (torch.bfloat16, torch.float32)
     assert backend.generate([Request.chat("cat", sampling=Sampling(max_tokens=4))])[0].tokens_out > 0
+
+
+def test_out_of_memory_halves_the_batch(tiny: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    backend = _backend(tiny["base"])
+    real = backend._run
+    sizes: list[int] = []
+
+    def run(reqs: list[Request], prompts: list[str]) -> Any:
+        sizes.append(len(reqs))
+        if len(reqs) > 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(reqs, prompts)
+
+    monkeypatch.setattr(backend, "_run", run)
+    comps = backend.generate([_greedy(p, 4) for p in PROMPTS])
+    assert len(comps) == 4 and all(c.error is None for c in comps)
+    assert sizes == [4, 2, 1, 1, 2, 1, 1]

@@ -241,16 +241,22 @@ class OpenAIBackend(Backend):
             self._pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="speed-http")
         futures: list[Future[Completion]] = [self._pool.submit(self._one, r, abort) for r in requests]
         failure: BaseException | None = None
-        for fut in as_completed(futures):
-            if fut.cancelled():
-                continue
-            err = fut.exception()
-            if err is not None and not isinstance(err, _Aborted) and failure is None:
-                # the first real failure wins; the other requests stop retrying and echo it
-                failure = err
-                abort.set()
-                for other in futures:
-                    other.cancel()
+        try:
+            for fut in as_completed(futures):
+                if fut.cancelled():
+                    continue
+                err = fut.exception()
+                if err is not None and not isinstance(err, _Aborted) and failure is None:
+                    # the first real failure wins; the other requests stop retrying and echo it
+                    failure = err
+                    abort.set()
+                    for other in futures:
+                        other.cancel()
+        except BaseException:  # Ctrl-C while waiting: queued requests are dropped, none retried
+            abort.set()
+            for fut in futures:
+                fut.cancel()
+            raise
         if failure is not None:
             raise failure
         return [fut.result() for fut in futures]
