@@ -82,7 +82,9 @@ def held_out_prompts(cfg: Any, run: Path, n: int) -> list[Any]:
     return prompts
 
 
-def generate(cfg: Any, ledger: Any, name: str, model_path: str, prompts: list[Any]) -> list[str]:
+def generate(
+    cfg: Any, ledger: Any, name: str, model_path: str, prompts: list[Any], model_id: str
+) -> list[str]:
     from speed.ledger import LedgeredBackend
     from speed.llm import Sampling, load_backend
     from speed.stages.alignment import chat
@@ -226,7 +228,13 @@ def main() -> None:
         "senior": str(run / "senior" / "merged"),
     }
     t1 = time.time()
-    texts = {name: generate(cfg, ledger, name, path, prompts) for name, path in models.items()}
+    # ledger model ids carry the training stage's key, so a retrained model is asked anew
+    ids = {
+        "base": str(cfg.models.junior.model),
+        "junior": f"junior@{read_json(run / 'junior' / 'manifest.json')['key']}",
+        "senior": f"senior@{read_json(run / 'senior' / 'manifest.json')['key']}",
+    }
+    texts = {name: generate(cfg, ledger, name, path, prompts, ids[name]) for name, path in models.items()}
     t_generate = time.time() - t1
     scores = {name: quality(cfg, prompts, texts[name]) for name in models}
 

@@ -68,6 +68,8 @@ class FakeTeacher(Backend):
         props = (req.schema or {}).get("properties", {})
         rng = random.Random(req.sampling.seed)
         user = req.messages[-1]["content"]
+        if "subtopics" in props:
+            return json.dumps({"subtopics": ["Sub A", "Sub B / C", "Sub A"]})
         if "tasks" in props:
             topic = re.search(r"Topic: (.*)", user)
             about = topic.group(1) if topic else "things"
@@ -221,6 +223,14 @@ def test_pipeline_writes_every_stage_and_rerun_sends_nothing(tmp_path: Path, bas
     assert len(ledger.rows(limit=10_000)) == before
     assert all(read_json(run / s / "manifest.json")["key"] == manifests[s]["key"] for s in ALIGNMENT)
 
+    # a retrained junior is asked anew, not replayed from the ledger under the same folder name
+    fakes["generators"].clear()
+    Runner(load_config(write_config(tmp_path, base), ["junior.learning_rate=0.02"])).run()
+    assert sum(len(g.calls) for g in fakes["generators"]) > 0
+    assert read_json(run / "seed" / "manifest.json")["key"] == manifests["seed"]["key"]
+    for stage in ("junior", "candidates", "judge", "senior", "revisions", "revisor"):
+        assert read_json(run / stage / "manifest.json")["key"] != manifests[stage]["key"], stage
+
 
 def _candidates_run(tmp_path: Path, base: Path, rows: list[dict[str, Any]], extra: str = "") -> Runner:
     """A run whose candidates stage is already done with ``rows`` (and a judge stage to run)."""
@@ -347,3 +357,22 @@ def test_drop_mode_counts_lists_left_with_one_parseable(tmp_path: Path, base: Pa
     stats = read_json(tmp_path / "run" / "judge" / "manifest.json")["stats"]
     assert stats["drops"] == {"one_parseable_candidate": 1}
     assert stats["count"] == 1 and len(fakes["teacher"].calls) == 1
+
+
+def test_brainstorm_domain_keep_and_duplicates(tmp_path: Path, base: Path, fakes) -> None:
+    extra = "topics: {domain: Swiss tax law, num_subtopics: 5}"
+    path = write_config(tmp_path, base, extra)
+    path.write_text(path.read_text().replace("calls_per_kind: 3}", "calls_per_kind: 4, keep_per_call: null}"))
+    runner = Runner(load_config(path))
+    runner.run(only="brainstorm")
+    run = tmp_path / "run"
+    rows = read_jsonl(run / "brainstorm" / "data.jsonl")
+    topics = {r["topic"] for r in rows if r["topic"]}
+    # the slash of a subtopic never adds a level; the repeated subtopic is dropped
+    assert topics == {"Swiss tax law/Sub A", "Swiss tax law/Sub B or C"}
+    assert (run / "brainstorm" / "subtopics.txt").read_text().split("\n")[:2] == ["Sub A", "Sub B or C"]
+    stats = read_json(run / "brainstorm" / "manifest.json")["stats"]
+    # 4 calls per kind over 2 topics: the 2 repeated topics bring 5 repeated tasks each
+    assert stats["per_kind"] == {"retrieval": 10, "classification": 10, "sts": 1}
+    assert stats["drops"] == {"duplicate_task": 20}
+    assert read_json(run / "brainstorm" / "manifest.json")["calls"]["teacher"]["calls"] == 1 + 8

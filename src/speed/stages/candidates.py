@@ -65,8 +65,14 @@ class Candidates(AlignmentStage):
             pool, ccfg.num_prompts, ctx.cfg.seed.kind_mix, ctx.rng("prompts"), ctx.cfg.seed.language, used
         )
         spec = ctx.cfg.models.junior
+        # the ledger names the junior by its folder in the run; the junior's key in the seed makes a
+        # retrained junior's requests new ones instead of replays of the old junior's answers
+        junior_key = ctx.manifest("junior")["key"]
         requests = [
-            chat(p.prompt, sampling(spec, seed=ctx.seed_for(i), temperature=ccfg.temperature, n=ccfg.k))
+            chat(
+                p.prompt,
+                sampling(spec, seed=ctx.seed_for(junior_key, i), temperature=ccfg.temperature, n=ccfg.k),
+            )
             for i, p in enumerate(prompts)
         ]
         llm = ctx.llm("junior", model_path=ctx.input("junior") / "merged")

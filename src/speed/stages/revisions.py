@@ -89,7 +89,12 @@ class Revisions(AlignmentStage):
         outputs = generate_all(
             ctx,
             senior,
-            [chat(p.prompt, sampling(sspec, seed=ctx.seed_for("senior", i))) for i, p in enumerate(prompts)],
+            # the senior's key in the seed: a retrained senior is asked anew, not replayed (the ledger
+            # names it by its folder in the run)
+            [
+                chat(p.prompt, sampling(sspec, seed=ctx.seed_for("senior", ctx.manifest("senior")["key"], i)))
+                for i, p in enumerate(prompts)
+            ],
             "senior outputs",
         )
         ctx.session.release("senior")
