@@ -100,6 +100,7 @@ def test_every_template_a_kind_uses_exists_and_hashes_stably():
         assert len(kind.template_hash()) == 64
     assert {"judge", "revise", "revisor", "domain_expansion"} <= set(list_templates())
     assert template_hash(["judge"]) != template_hash(["revise"])
+    assert template_hash("judge") == template_hash(["judge"])
     assert get_kind("retrieval").template_hash() != get_kind("classification").template_hash()
 
 

@@ -153,8 +153,15 @@ def render_guidelines(name: str, values: Mapping[str, Any], order: Sequence[int]
     return "\n".join(out)
 
 
-def template_hash(names: Iterable[str]) -> str:
-    """SHA-256 over the names and texts of templates: part of the key of a stage that uses them."""
+def template_hash(names: str | Iterable[str]) -> str:
+    """SHA-256 over the names and texts of templates (one name or several, in any order): part of
+    the key of a stage that uses them.
+
+    Raises:
+        TemplateError: a name is not a template of the package.
+    """
+    if isinstance(names, str):
+        names = [names]
     h = hashlib.sha256()
     for name in sorted(set(names)):
         h.update(name.encode("utf-8") + b"\0" + load_template(name).encode("utf-8") + b"\0")
