@@ -41,6 +41,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -447,11 +448,13 @@ def convert_gguf_to_hf(gguf: str | os.PathLike[str], out_dir: str | os.PathLike[
             ) from err
         logger.info("converting %s to a safetensors folder %s (once)", gguf, out)
         # float32 is the fast path of transformers' GGUF loader; bfloat16 (the upstream dtype) halves the folder
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-        model = model.to(torch.bfloat16)
+        model: Any = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+        )
+        model = model.to(dtype=torch.bfloat16)
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         # a model loaded from GGUF keeps quantization marks that refuse save_pretrained and training
-        setattr(model, "hf_quantizer", None)  # noqa: B010 - the attribute is typed as non-optional
+        model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
