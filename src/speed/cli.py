@@ -362,6 +362,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(
             level=logging.INFO, format="%(asctime)s %(levelname).1s %(message)s", datefmt="%H:%M:%S"
         )
+    # httpx logs every request at INFO: far too loud for a run of thousands of calls
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         return int(args.func(args) or 0)
     except (ConfigError, StageError) as err:
