@@ -122,3 +122,23 @@ def test_prompts_longer_than_max_length_are_refused(tmp_path: Path) -> None:
     cfg = SFTConfig(max_steps=1, batch_size=2, per_device_batch_size=2, max_length=8)
     with pytest.raises(TrainingInputError, match=r"every prompt is at least junior.max_length = 8 tokens"):
         train_sft(base, ROWS, cfg, tmp_path / "out", seed=0, what="junior")
+
+
+def test_base_model_without_chat_template_gets_one(tmp_path: Path) -> None:
+    import json
+
+    from transformers import AutoTokenizer
+
+    base = tiny_llama(tmp_path / "base")
+    (base / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((base / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (base / "tokenizer_config.json").write_text(json.dumps(config))
+    assert not AutoTokenizer.from_pretrained(base).chat_template
+    cfg = SFTConfig(max_steps=1, batch_size=2, per_device_batch_size=2)
+    result = train_sft(base, ROWS[:2], cfg, tmp_path / "out", seed=0, what="junior")
+    tok = AutoTokenizer.from_pretrained(result.merged_dir)
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}], tokenize=False
+    )
+    assert text == f"<|im_start|>user\nu<|im_end|>\n<|im_start|>assistant\na<|im_end|>{tok.eos_token}\n"

@@ -187,23 +187,33 @@ def set_threads(threads: int | None) -> None:
 # models
 
 
-def load_tokenizer(path: str | Path) -> Any:
-    """The tokenizer of ``path`` with a pad token (eos when the model has none) and a chat template.
+#: the chat template given to a base model's tokenizer (SPEED fine-tunes LLaMA-3-8B *base*): ChatML,
+#: as the hf backend uses for such models, plus the eos token after each assistant turn, so that the
+#: trained model ends its answers with a token every backend stops on. It is saved with the
+#: adapter and the merged model, so generation frames prompts exactly as training did.
+BASE_MODEL_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>"
+    # the newline is an expression: transformers renders with trim_blocks, which eats one after a tag
+    "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
-    Raises:
-        TrainingInputError: the tokenizer has no chat template (a base model); the conversational
-            prompt-completion format needs one.
-    """
+
+def load_tokenizer(path: str | Path) -> Any:
+    """The tokenizer of ``path`` with a pad token (eos when the model has none) and a chat template
+    (:data:`BASE_MODEL_CHAT_TEMPLATE` when the model has none)."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(path))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     if not getattr(tok, "chat_template", None):
-        raise TrainingInputError(
-            f"tokenizer of {path} has no chat template; use an instruct/chat model as the base "
-            "(for example smollm2-135m-instruct) or add a chat_template to its tokenizer_config.json"
+        logger.warning(
+            "tokenizer of %s has no chat template (a base model): training with ChatML turns ended by "
+            "eos; the template is saved with the trained model",
+            path,
         )
+        tok.chat_template = BASE_MODEL_CHAT_TEMPLATE
     return tok
 
 
