@@ -191,10 +191,10 @@ class Judge(AlignmentStage):
                 counter.drop("generation_error", comp.error)
                 dropped.append({**row, "order": order, "reason": "generation_error", "raw": ""})
                 continue
-            verdict, reason, detail = read_verdict(comp.text, len(order))
+            verdict, why, detail = read_verdict(comp.text, len(order))
             if verdict is None:
-                counter.drop(reason or "unparseable", detail)
-                dropped.append({**row, "order": order, "reason": reason, "raw": comp.text})
+                counter.drop(why or "unparseable", detail)
+                dropped.append({**row, "order": order, "reason": why or "unparseable", "raw": comp.text})
                 continue
             best, worst = to_original(order, verdict.best), to_original(order, verdict.worst)
             if not row["parsed"][best]:
