@@ -68,6 +68,10 @@ def test_placeholder_text_drops(value):
     assert check(PlaceholderText(), GOOD | {"positive_document": value}) is not None
 
 
+def test_placeholder_text_drops_a_field_name_as_value():
+    assert "'S2'" in check(PlaceholderText(), {"S1": "The house is red.", "S2": "S1"}, BITEXT, {})
+
+
 def test_placeholder_text_keeps_real_text():
     assert check(PlaceholderText(), GOOD) is None
     assert (

@@ -154,14 +154,16 @@ _PLACEHOLDERS = re.compile(
 
 
 class PlaceholderText(Filter):
-    """A field holds a placeholder ("string", "...", "<query>", "[insert text]") instead of content."""
+    """A field holds a placeholder ("string", "...", "<query>", "[insert text]") or a field name
+    (``"S2": "S1"``) instead of content."""
 
     name = "placeholder_text"
 
     def check(self, fields: Fields, kind: TaskKind, attributes: Mapping[str, Any]) -> str | None:
+        names = {f.casefold() for f in kind.fields()}
         for field in kind.fields():
             text = _text(fields, field).strip()
-            if text and _PLACEHOLDERS.search(text):
+            if text and (_PLACEHOLDERS.search(text) or text.casefold() in names):
                 return f"field '{field}' is a placeholder: {text[:40]!r}"
         return None
 
