@@ -164,7 +164,7 @@ class Decontaminator:
         min_exact_words: shorter eval texts are ignored.
 
     Example:
-        >>> d = Decontaminator(n=5)
+        >>> d = Decontaminator(n=5, min_words=4)
         >>> d.add("toy", ["the quick brown fox jumps over the lazy dog"])
         >>> d.check("I saw the quick brown fox jumps over a fence")
         'toy'
