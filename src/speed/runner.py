@@ -84,7 +84,7 @@ class Stage(ABC):
         """Hash of each prompt template this stage renders (part of the key)."""
         if not self.templates:
             return {}
-        from speed.tasks.templates import template_hash
+        from speed.tasks import template_hash
 
         return {name: template_hash(name) for name in self.templates}
 
