@@ -183,17 +183,20 @@ def run_raw(cfg: Any, args: argparse.Namespace) -> dict[str, float]:
     import llama_cpp
 
     from speed.models import resolve_gguf
-    from speed.runner import RunSession, StageContext
+    from speed.runner import Runner, RunSession, StageContext
     from speed.stages.synthesize import Synthesize, shard_prompts
     from speed.tasks import get_kind, revisor_prompt
 
     # the same prompt plan and seeds as the stage (planning is not timed)
     run_dir = Path(cfg.run.dir)
-    session = RunSession(cfg, run_dir)
-    ctx = StageContext(cfg, run_dir, "synthesize", "bench", run_dir / "plan", ("brainstorm",), session)
-    (run_dir / "brainstorm").mkdir(parents=True)
+    keys = Runner(cfg).keys  # the upstream keys the stage runs see (they enter the request seeds)
+    for stage in ("brainstorm", "senior", "revisor"):
+        (run_dir / stage).mkdir(parents=True)
+        (run_dir / stage / "manifest.json").write_text(json.dumps({"key": keys[stage]}))
     shutil.copy(Path(cfg.extra["stubs"]["brainstorm"]) / "data.jsonl", run_dir / "brainstorm" / "data.jsonl")
-    (run_dir / "brainstorm" / "manifest.json").write_text("{}")
+    session = RunSession(cfg, run_dir)
+    reads = ("brainstorm", "senior", "revisor")
+    ctx = StageContext(cfg, run_dir, "synthesize", "bench", run_dir / "plan", reads, session)
     stage = Synthesize()
     pool = stage.pool(ctx)
     prompts = [p for shard in stage.shards(ctx) for p in shard_prompts(shard.payload, pool, "English")]

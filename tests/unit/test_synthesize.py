@@ -327,6 +327,18 @@ def test_turning_the_revisor_off_reruns_but_replays_the_senior(tmp_path, upstrea
     assert not any(r["revised"] for r in read_rows(tmp_path / "run" / "synthesize"))
 
 
+def test_a_retrained_senior_is_asked_anew_not_replayed(tmp_path, upstream):
+    from speed.config import load_config
+    from speed.runner import Runner
+
+    path = write_config(tmp_path, "run", upstream)
+    Runner(load_config(path)).run()
+    # the upstream stages' section changes: new senior and revisor keys, same folders in the run
+    Runner(load_config(path, ["extra.stubs.retrained=1"])).run()
+    stats = json.loads((tmp_path / "run" / "synthesize" / "manifest.json").read_text())["stats"]
+    assert stats["calls_this_run"]["senior_sent"] == 24 and stats["calls_this_run"]["senior_replayed"] == 0
+
+
 def test_missing_inputs_fail_before_any_call(tmp_path, upstream):
     from speed.config import load_config
     from speed.runner import Runner, StageError

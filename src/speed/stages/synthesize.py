@@ -36,7 +36,8 @@ Design choices:
   used when it parses as the kind's schema;
   otherwise the senior's parsed example is kept (``revised`` false, counted in
   ``stats["revisions"]["unparsed"]``), so a weak revisor never costs an example.
-- Requests carry a per-prompt seed (``ctx.seed_for``); no JSON schema is imposed unless
+- Requests carry a per-prompt seed (``ctx.seed_for``) that includes the senior's (revisor's) stage
+  key, so a retrained model is asked anew rather than replayed; no JSON schema is imposed unless
   ``synthesize.json_schema`` is set, as the senior was judged and trained on free output.
 """
 
@@ -377,6 +378,10 @@ class Synthesize(AlignmentStage):
         of its task and attribute draws; :func:`shard_prompts` turns it into prompts."""
         scfg = ctx.cfg.synthesize
         kinds = plan_kinds(scfg.num_examples, scfg.kind_mix, ctx.rng("kinds"))
+        # the ledger names the senior and revisor by their folders in the run; their stages' keys in
+        # the seeds make a retrained model's requests new ones, not replays of the old model's answers
+        senior_key = ctx.manifest("senior")["key"]
+        revisor_key = ctx.manifest("revisor")["key"]
         out = []
         for i, start in enumerate(range(0, len(kinds), scfg.shard_size)):
             part = kinds[start : start + scfg.shard_size]
@@ -385,8 +390,8 @@ class Synthesize(AlignmentStage):
                 "start": start,
                 "kinds": part,
                 "rng_seed": ctx.rng(f"shard/{i}").getrandbits(64),
-                "seeds": [ctx.seed_for("senior", j) for j in indices],
-                "revise_seeds": [ctx.seed_for("revisor", j) for j in indices],
+                "seeds": [ctx.seed_for("senior", senior_key, j) for j in indices],
+                "revise_seeds": [ctx.seed_for("revisor", revisor_key, j) for j in indices],
             }
             out.append(Shard(shard_id(i), payload))
         return out
