@@ -9,7 +9,7 @@ VENV        ?= .venv
 PY          := $(VENV)/bin/python
 PIP         := $(VENV)/bin/pip
 TORCH_SPEC  ?= torch==2.13.0
-EXTRAS      ?= train,llamacpp,models,dev
+EXTRAS      ?= train,llamacpp,ray,models,dev
 CONFIG      ?= configs/quickstart.yaml
 PYTEST_ARGS ?=
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON -DGGML_AMX_INT8=OFF

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from speed.config import ConfigError, SpeedConfig, load_config
+from speed.export import ExportError
 from speed.runner import StageError
 
 logger = logging.getLogger("speed.cli")
@@ -366,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, StageError) as err:
+    except (ConfigError, StageError, ExportError) as err:
         print(f"speed: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
