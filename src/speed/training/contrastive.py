@@ -399,6 +399,17 @@ def _loss_logger() -> Any:
     return LossLogger()
 
 
+def _checkpointing_kwargs(enabled: bool) -> dict[str, Any]:
+    """transformers 5 renamed gradient_checkpointing to activation_checkpointing; pass whichever exists."""
+    import dataclasses
+
+    from sentence_transformers import SentenceTransformerTrainingArguments
+
+    names = {f.name for f in dataclasses.fields(SentenceTransformerTrainingArguments)}
+    key = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    return {key: enabled}
+
+
 def _world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
@@ -534,7 +545,7 @@ def train_embedder(
             lr_scheduler_type="linear",
             batch_sampler=BatchSamplers.NO_DUPLICATES,
             multi_dataset_batch_sampler=MultiDatasetBatchSamplers.PROPORTIONAL,
-            gradient_checkpointing=cfg.gradient_checkpointing,
+            **_checkpointing_kwargs(cfg.gradient_checkpointing),
             bf16=bf16,
             use_cpu=use_cpu,
             save_strategy="no",
