@@ -31,7 +31,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
 
@@ -100,28 +100,43 @@ class Stage(ABC):
         """
 
 
-STAGES: dict[str, type[Stage]] = {}
+#: every stage class ever registered, in order; a registry is built from it per config
+_REGISTERED: list[type[Stage]] = []
 
 S = TypeVar("S", bound=type[Stage])
 
 
 def register(cls: S) -> S:
-    """Class decorator: add a stage to the registry (a later class of the same name replaces it)."""
-    STAGES[cls.name] = cls
+    """Class decorator: make a stage known. Built-in stages live in ``speed.stages``; a plugin's
+    stages count only for configs that list the plugin in ``pipeline.plugins``."""
+    _REGISTERED.append(cls)
     return cls
 
 
 def load_stages(plugins: Sequence[str] = ()) -> dict[str, type[Stage]]:
-    """Import the built-in stages and the configured plugin modules; return the registry."""
+    """The stages a config can use: the built-in ones, then those of its plugin modules.
+
+    A plugin stage may replace a built-in one of the same name, for this registry only: the
+    registry is rebuilt per config, so one config's plugins never leak into another's run.
+    """
     importlib.import_module("speed.stages")
+    modules = []
     for mod in plugins:
         try:
-            importlib.import_module(mod)
+            modules.append(importlib.import_module(mod).__name__)
         except ImportError as err:
             raise ConfigError(
                 f"pipeline.plugins: cannot import '{mod}' ({err}); is it on PYTHONPATH?"
             ) from err
-    return STAGES
+    registry: dict[str, type[Stage]] = {}
+    for cls in _REGISTERED:
+        if cls.__module__.startswith("speed.stages."):
+            registry[cls.name] = cls
+    for module in modules:
+        for cls in _REGISTERED:
+            if cls.__module__ == module:
+                registry[cls.name] = cls
+    return registry
 
 
 # --------------------------------------------------------------------------------------------
@@ -224,11 +239,12 @@ class StageContext:
     out: Path
     reads: tuple[str, ...]
     session: RunSession
-    stats: dict[str, Any] = field(default_factory=dict)
+    section_name: str = ""
 
     @property
     def section(self) -> Any:
-        return self.cfg.section(STAGES[self.name].section or self.name) if self.name in STAGES else None
+        """This stage's config section."""
+        return self.cfg.section(self.section_name or self.name)
 
     @property
     def ledger(self) -> Ledger:
@@ -431,7 +447,9 @@ class Runner:
             return
 
         stage = cls()
-        ctx = StageContext(self.cfg, self.run_dir, cls.name, key, work, cls.reads, session)
+        ctx = StageContext(
+            self.cfg, self.run_dir, cls.name, key, work, cls.reads, session, cls.section or cls.name
+        )
         logger.info("stage %-11s %s (key %s)", cls.name, "resuming" if resumed else "starting", key)
         t0 = time.time()
         stage.check(ctx)
