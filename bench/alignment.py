@@ -11,9 +11,11 @@ SPEED: 1.0 and 1.0), and prints:
   fields, too short for the requested length, query copied into the document, near-equal fields,
   wrong language);
 - teacher-judged win rates of senior over junior and of junior over base: the run's teacher
-  (temperature 0, the judge prompt with two candidates, order drawn at random per prompt) names the
-  better of the two outputs; identical outputs are ties; unusable verdicts are counted apart. Win rate
-  = wins / (wins + losses), with a 95% Wilson interval.
+  (temperature 0, the judge prompt with two candidates) names the better of the two outputs, in both
+  orders; a pair is a win or a loss only when both verdicts agree (small judges mostly pick whatever
+  is shown first; the share of first-shown winners is printed), else ``order-inconsistent``;
+  identical outputs are ties; unusable verdicts are counted apart. Win rate = wins / (wins +
+  losses), with a 95% Wilson interval.
 
 All calls go through a ledger of their own (``RUN/bench/ledger.sqlite``), so a rerun replays and the
 run's own cost report is untouched. Results are printed and written to ``RUN/bench/alignment.json``.
@@ -131,53 +133,76 @@ def quality(cfg: Any, prompts: list[Any], texts: list[str]) -> dict[str, Any]:
 
 
 def compare(
-    cfg: Any, teacher: Any, prompts: list[Any], first: tuple[str, list[str]], second: tuple[str, list[str]]
+    cfg: Any,
+    teacher: Any,
+    prompts: list[Any],
+    first: tuple[str, list[str]],
+    second: tuple[str, list[str]],
+    both_orders: bool = True,
 ) -> dict[str, Any]:
-    """Teacher verdicts first vs second, one per prompt, order drawn at random."""
+    """Teacher verdicts ``first`` vs ``second`` per prompt.
+
+    With ``both_orders`` each pair is judged in both orders and counts as a win or a loss only when
+    the two verdicts agree; disagreeing verdicts follow the position, not the content, and are
+    counted as ``inconsistent``. Otherwise one verdict per pair in an order drawn at random.
+    """
     from speed.llm import Sampling
     from speed.stages.alignment import chat, normalize
     from speed.stages.judge import read_verdict, verdict_schema
     from speed.tasks import judge_prompt
 
     rng = random.Random(f"bench-order/{first[0]}/{second[0]}")
-    reqs, slots = [], []
+    reqs: list[Any] = []
+    pairs: list[list[bool]] = []  # per pair, the 'swap' flag of each of its requests
     ties = 0
     for i, (p, a, b) in enumerate(zip(prompts, first[1], second[1], strict=True)):
         if normalize(a) == normalize(b):
             ties += 1
             continue
-        swap = rng.random() < 0.5
-        shown = [b, a] if swap else [a, b]
-        reqs.append(
-            chat(
-                judge_prompt(p.prompt, shown),
-                Sampling(temperature=0.0, top_p=1.0, max_tokens=cfg.models.teacher.max_tokens, seed=i),
-                schema=verdict_schema(2),
+        drawn = rng.random() < 0.5
+        swaps = [drawn, not drawn] if both_orders else [drawn]
+        for swap in swaps:
+            reqs.append(
+                chat(
+                    judge_prompt(p.prompt, [b, a] if swap else [a, b]),
+                    Sampling(temperature=0.0, top_p=1.0, max_tokens=cfg.models.teacher.max_tokens, seed=i),
+                    schema=verdict_schema(2),
+                )
             )
-        )
-        slots.append(swap)
-    comps = teacher.generate(reqs)
-    wins = losses = invalid = 0
-    first_shown_won = 0
-    for swap, comp in zip(slots, comps, strict=True):
-        verdict, _, _ = read_verdict(comp.text, 2) if comp.error is None else (None, None, "")
-        if verdict is None:
+        pairs.append(swaps)
+    comps = iter(teacher.generate(reqs))
+    wins = losses = invalid = inconsistent = verdicts = first_shown_won = 0
+    for swaps in pairs:
+        says_first = []
+        for swap in swaps:
+            comp = next(comps)
+            verdict = read_verdict(comp.text, 2)[0] if comp.error is None else None
+            if verdict is None:
+                says_first.append(None)
+                continue
+            verdicts += 1
+            first_shown_won += verdict.best == 1
+            says_first.append((verdict.best == 1) != swap)
+        if None in says_first:
             invalid += 1
-            continue
-        first_won = (verdict.best == 1) != swap
-        wins += first_won
-        losses += not first_won
-        first_shown_won += verdict.best == 1
+        elif len(set(says_first)) > 1:
+            inconsistent += 1
+        elif says_first[0]:
+            wins += 1
+        else:
+            losses += 1
     lo, hi = wilson(wins, wins + losses)
     return {
         "pair": f"{first[0]} over {second[0]}",
+        "orders": 2 if both_orders else 1,
         "wins": wins,
         "losses": losses,
         "ties": ties,
+        "inconsistent": inconsistent,
         "invalid": invalid,
         "win_rate": wins / (wins + losses) if wins + losses else None,
         "ci95": [round(lo, 3), round(hi, 3)],
-        "first_shown_won": first_shown_won,
+        "first_shown_won": f"{first_shown_won}/{verdicts}",
     }
 
 
@@ -191,6 +216,11 @@ def main() -> None:
     )
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--n", type=int, default=50, help="held-out prompts")
+    ap.add_argument(
+        "--one-order",
+        action="store_true",
+        help="judge each pair once (random order) instead of in both orders",
+    )
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname).1s %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3"):
@@ -251,8 +281,22 @@ def main() -> None:
     )
     try:
         wins = [
-            compare(cfg, teacher, prompts, ("senior", texts["senior"]), ("junior", texts["junior"])),
-            compare(cfg, teacher, prompts, ("junior", texts["junior"]), ("base", texts["base"])),
+            compare(
+                cfg,
+                teacher,
+                prompts,
+                ("senior", texts["senior"]),
+                ("junior", texts["junior"]),
+                not args.one_order,
+            ),
+            compare(
+                cfg,
+                teacher,
+                prompts,
+                ("junior", texts["junior"]),
+                ("base", texts["base"]),
+                not args.one_order,
+            ),
         ]
     finally:
         teacher.close()
@@ -294,8 +338,9 @@ def main() -> None:
         rate = "n/a" if w["win_rate"] is None else f"{w['win_rate']:.1%}"
         lines.append(
             f"  {w['pair']:18s} win rate {rate} (95% CI {w['ci95'][0]:.2f}-{w['ci95'][1]:.2f}); "
-            f"wins {w['wins']}, losses {w['losses']}, ties {w['ties']}, invalid verdicts {w['invalid']}, "
-            f"first-shown won {w['first_shown_won']}"
+            f"wins {w['wins']}, losses {w['losses']}, ties {w['ties']}, order-inconsistent "
+            f"{w['inconsistent']}, invalid {w['invalid']} ({w['orders']} order(s) per pair); "
+            f"first-shown won {w['first_shown_won']} verdicts"
         )
     sys.stdout.write("\n".join(lines) + "\n")
 
