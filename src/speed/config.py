@@ -246,6 +246,11 @@ class JudgeConfig(Section):
 
     temperature: float = Field(0.0, ge=0)
     shuffle: bool = Field(True, description="Shuffle candidate order per call (position bias).")
+    both_orders: bool = Field(
+        False,
+        description="Also show each list in reverse order and keep a verdict only when both agree "
+        "(against position bias of small judges; doubles judge calls).",
+    )
     unparseable: Literal["show", "drop"] = Field(
         "show",
         description="Candidates that do not parse as the kind's JSON: show them to the judge (they may "

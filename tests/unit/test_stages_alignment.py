@@ -376,3 +376,22 @@ def test_brainstorm_domain_keep_and_duplicates(tmp_path: Path, base: Path, fakes
     assert stats["per_kind"] == {"retrieval": 10, "classification": 10, "sts": 1}
     assert stats["drops"] == {"duplicate_task": 20}
     assert read_json(run / "brainstorm" / "manifest.json")["calls"]["teacher"]["calls"] == 1 + 8
+
+
+def test_both_orders_keeps_only_consistent_verdicts(tmp_path: Path, base: Path, fakes) -> None:
+    ok = ['{"a": "x"}', '{"a": "y"}', '{"a": "z"}']
+    rows = [_row(i, ok, [True] * 3) for i in range(2)]
+    runner = _candidates_run(tmp_path, base, rows, "judge: {shuffle: false, both_orders: true}")
+    fakes["teacher"].verdicts = [
+        # row 0: shown [0, 1, 2] then [2, 1, 0]; both name candidate 2 best and 0 worst
+        json.dumps({"reason": "r", "best": 3, "worst": 1}),
+        json.dumps({"reason": "r", "best": 1, "worst": 3}),
+        # row 1: a judge that always names the first shown: inconsistent
+        json.dumps({"reason": "r", "best": 1, "worst": 2}),
+        json.dumps({"reason": "r", "best": 1, "worst": 2}),
+    ]
+    runner.run(only="judge")
+    stats = read_json(tmp_path / "run" / "judge" / "manifest.json")["stats"]
+    assert stats["drops"] == {"judge_inconsistent": 1} and stats["calls"] == 4
+    pairs = read_jsonl(tmp_path / "run" / "judge" / "data.jsonl")
+    assert [(p["chosen"], p["rejected"]) for p in pairs] == [(ok[2], ok[0])]

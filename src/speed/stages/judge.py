@@ -20,6 +20,10 @@ Design choices:
 - Verdicts the pair cannot come from are dropped and counted, never trained on: unparseable
   answers (the parser's reason), ``judge_same_index`` (best == worst) and
   ``judge_index_out_of_range`` (a number outside 1..shown).
+- Opt-in (``judge.both_orders``): each list is also shown in the reverse order and a verdict is kept
+  only when both name the same best and worst (``judge_inconsistent`` otherwise). It doubles the
+  judge calls; it is for small teachers, which mostly name whatever is shown first (the 0.5B teacher
+  of the CPU benchmark did so in all of its 26 kept verdicts).
 - The answer is constrained where the backend can: ``best`` and ``worst`` are enums of the shown
   numbers. Constrained or not, the checks above run.
 
@@ -51,6 +55,7 @@ BEST_UNPARSEABLE = "best_unparseable"
 IDENTICAL = "identical_candidates"
 NONE_PARSEABLE = "no_parseable_candidate"
 ONE_PARSEABLE = "one_parseable_candidate"
+INCONSISTENT = "judge_inconsistent"
 
 
 class _AnyVerdict(Judgement):
@@ -174,33 +179,47 @@ class Judge(AlignmentStage):
             todo.append((row, shuffled_order(idx, rng)))
 
         spec = ctx.cfg.models.teacher
+        # one shown order per list, or the order and its reverse (judge.both_orders)
+        shown = [[order, order[::-1]] if jcfg.both_orders else [order] for _, order in todo]
         requests = [
             chat(
                 judge_prompt(row["prompt"], [row["candidates"][j] for j in order]),
                 sampling(spec, seed=ctx.seed_for("judge", row["prompt"]), temperature=jcfg.temperature),
                 schema=verdict_schema(len(order)),
             )
-            for row, order in todo
+            for (row, _), orders in zip(todo, shown, strict=True)
+            for order in orders
         ]
-        comps = generate_all(ctx, ctx.llm("teacher"), requests, "verdicts")
+        answers = iter(generate_all(ctx, ctx.llm("teacher"), requests, "verdicts"))
 
         pairs: list[dict[str, Any]] = []
         best_position: dict[str, int] = {}
-        for (row, order), comp in zip(todo, comps, strict=True):
-            if comp.error is not None:
-                counter.drop("generation_error", comp.error)
-                dropped.append({**row, "order": order, "reason": "generation_error", "raw": ""})
+        for (row, order), orders in zip(todo, shown, strict=True):
+            comps = [next(answers) for _ in orders]
+            raw = comps[0].text
+            mapped: list[tuple[int, int]] = []
+            failure: tuple[str, str] | None = None
+            verdict = None
+            for shown_order, comp in zip(orders, comps, strict=True):
+                if comp.error is not None:
+                    failure = ("generation_error", comp.error)
+                    break
+                got, why, detail = read_verdict(comp.text, len(shown_order))
+                if got is None:
+                    failure = (why or "unparseable", detail)
+                    break
+                verdict = verdict or got
+                mapped.append((to_original(shown_order, got.best), to_original(shown_order, got.worst)))
+            if failure is None and len(set(mapped)) > 1:
+                failure = (INCONSISTENT, f"verdicts by order: {mapped}")
+            if failure is None and not row["parsed"][mapped[0][0]]:
+                failure = (BEST_UNPARSEABLE, "")
+            if failure is not None or verdict is None:
+                reason, detail = failure or ("unparseable", "")
+                counter.drop(reason, detail)
+                dropped.append({**row, "order": order, "reason": reason, "raw": raw})
                 continue
-            verdict, why, detail = read_verdict(comp.text, len(order))
-            if verdict is None:
-                counter.drop(why or "unparseable", detail)
-                dropped.append({**row, "order": order, "reason": why or "unparseable", "raw": comp.text})
-                continue
-            best, worst = to_original(order, verdict.best), to_original(order, verdict.worst)
-            if not row["parsed"][best]:
-                counter.drop(BEST_UNPARSEABLE)
-                dropped.append({**row, "order": order, "reason": BEST_UNPARSEABLE, "raw": comp.text})
-                continue
+            best, worst = mapped[0]
             counter.keep()
             best_position[str(verdict.best)] = best_position.get(str(verdict.best), 0) + 1
             pairs.append(
@@ -214,7 +233,7 @@ class Judge(AlignmentStage):
                     "best": best,
                     "worst": worst,
                     "order": order,
-                    "raw": comp.text,
+                    "raw": raw,
                 }
             )
         write_jsonl(ctx.out / "data.jsonl", pairs)
@@ -228,6 +247,7 @@ class Judge(AlignmentStage):
         return {
             "count": len(pairs),
             "judged": len(todo),
+            "calls": len(requests),
             "drops": dict(counter.reasons),
             "best_position": dict(sorted(best_position.items())),
         }
