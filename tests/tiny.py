@@ -44,12 +44,11 @@ _CORPUS = [
     '{"S1": "A man plays a guitar.", "S2": "Someone is playing guitar.", "S3": "A man sells a guitar."}',
     '{"reason": "Candidate 2 follows the task; candidate 4 copies the query.", "best": 2, "worst": 4}',
     '{"reason": "The document was too short.", "revised": {"input": "text", "positive_document": "text"}}',
-    "Brainstorm a list of potentially useful text retrieval tasks. Here are a few examples for your "
-    "reference: Retrieve relevant documents for a short keyword web search query that asks for weather "
-    "information. Search for documents that answers a FAQ-style query on children's nutrition.",
-    "You have been assigned a retrieval task. Your mission is to write one text retrieval example for "
-    "this task in JSON format. The JSON object must contain the following keys: the query, a string, a "
-    "random user search query specified by the retrieval task.",
+    "List five distinct retrieval tasks tied to the topic below, one sentence each, saying what the "
+    "query is and what the documents are: match a hiking question to trail reports, or a recipe name "
+    "to cooking instructions.",
+    "Write one example of the task as a JSON object with these fields: the query a user would type, a "
+    "document that answers it, and a document that looks relevant but does not.",
     "Classify the sentiment of a product review. Given a news headline, find articles on the same event.",
     "0123456789 abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ .,;:!?'\"()[]{}<>-_/\\@#$%^&*+=~`|",
     "system user assistant Instruct: Query: Candidate worst best reason revised task topic",
@@ -160,3 +159,90 @@ def tiny_llama(dest: str | Path | None = None) -> Path:
     dest = Path(dest)
     shutil.copytree(_CACHED, dest, dirs_exist_ok=True)
     return dest
+
+
+#: a word-level vocabulary big enough for the tests' instructions, queries and labels
+BERT_WORDS = [
+    "instruct",
+    "query",
+    "find",
+    "documents",
+    "for",
+    "task",
+    "positive",
+    "document",
+    "number",
+    "hard",
+    "negative",
+    "about",
+    "the",
+    "a",
+    "cat",
+    "dog",
+    "bird",
+    "fish",
+    "sat",
+    "on",
+    "mat",
+    "tree",
+    "sun",
+    "rises",
+    "in",
+    "east",
+    "water",
+    "is",
+    "wet",
+    "fire",
+    "hot",
+    "ice",
+    "cold",
+    "what",
+    "where",
+    "who",
+    "why",
+    "how",
+    "does",
+    "do",
+    "are",
+    "sky",
+    "blue",
+    "grass",
+    "green",
+    "red",
+    "car",
+    "fast",
+    "slow",
+    "big",
+    "small",
+    "house",
+    "river",
+    "flows",
+    "sea",
+]
+
+
+def make_tiny_bert(folder: str | Path, words: Iterable[str] = ()) -> Path:
+    """A 2-layer BERT (random weights, hidden size 32) with a word-level vocabulary built here.
+
+    Args:
+        folder: where to save the model and tokenizer.
+        words: extra vocabulary beside :data:`BERT_WORDS`, digits and punctuation.
+    """
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    vocab = list(dict.fromkeys([*specials, *BERT_WORDS, *words, ":", ".", "?", *map(str, range(20))]))
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    folder = Path(folder)
+    BertModel(cfg).save_pretrained(folder)
+    BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(folder)
+    return folder

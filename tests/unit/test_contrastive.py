@@ -13,6 +13,7 @@ import pytest
 
 from speed.config import EmbedConfig
 from speed.training.contrastive import EmbedDataError, prepare_rows, train_embedder
+from tiny import make_tiny_bert
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -62,26 +63,6 @@ WORDS = [
     "sea",
     "find",
 ]
-
-
-def make_tiny_bert(folder: Path) -> Path:
-    import torch
-    from transformers import BertConfig, BertModel, BertTokenizer
-
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(set(WORDS)), "instruct", "query", ":", "?"]
-    tok = BertTokenizer(vocab={w: i for i, w in enumerate(vocab)})
-    torch.manual_seed(0)
-    cfg = BertConfig(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    )
-    BertModel(cfg).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
 
 
 def make_tiny_llama(folder: Path) -> Path:
@@ -141,7 +122,7 @@ def make_rows() -> list[dict]:
 
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+    return make_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), WORDS)
 
 
 @pytest.fixture(scope="module")

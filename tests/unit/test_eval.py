@@ -20,6 +20,7 @@ from speed.evaluation import (
     resolve_task_names,
 )
 from speed.evaluation.loaders import EvalDataError, load_beir
+from tiny import make_tiny_bert
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -75,39 +76,6 @@ WORDS = [
 # fixtures: a tiny BERT and a tiny eval folder
 
 
-def make_tiny_bert(folder: Path) -> Path:
-    """A 2-layer BERT with a word-level vocabulary built here (random weights)."""
-    import torch
-    from transformers import BertConfig, BertModel, BertTokenizer
-
-    vocab = [
-        "[PAD]",
-        "[UNK]",
-        "[CLS]",
-        "[SEP]",
-        "[MASK]",
-        *sorted(set(WORDS)),
-        "instruct",
-        "query",
-        ":",
-        ".",
-        "?",
-    ]
-    tok = BertTokenizer(vocab={w: i for i, w in enumerate(vocab)})
-    torch.manual_seed(0)
-    cfg = BertConfig(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    )
-    BertModel(cfg).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
-
-
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
@@ -152,7 +120,7 @@ def make_eval_dir(root: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+    return make_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), WORDS)
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from speed.export import ExportError, export_run
+from tiny import make_tiny_bert
 
 WORDS = [
     *("the", "a", "vaccine", "immune", "system", "battery", "review", "guitar"),
@@ -50,27 +51,6 @@ def fake_run(tmp_path: Path, n: int = 12) -> Path:
     return run
 
 
-def make_tiny_bert(folder: Path) -> Path:
-    import torch
-    from transformers import BertConfig, BertModel, BertTokenizer
-
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(set(WORDS))]
-    vocab += ["instruct", "query", "find", "documents", "for", "task", "positive", "document", "number"]
-    vocab += ["hard", "negative", "about", ":", "."] + [str(i) for i in range(20)]
-    torch.manual_seed(0)
-    cfg = BertConfig(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    )
-    BertModel(cfg).save_pretrained(folder)
-    BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(folder)
-    return folder
-
-
 def test_hf_export_keeps_every_row_and_its_provenance(tmp_path):
     from datasets import load_from_disk
 
@@ -106,7 +86,7 @@ def test_sentence_transformers_export_trains_with_its_trainer(tmp_path):
     assert len(dd["triplets"]) == 9 and len(dd["pairs"]) == 3
     assert dd["triplets"][0]["anchor"].startswith("Instruct: ")
 
-    bert = make_tiny_bert(tmp_path / "bert")
+    bert = make_tiny_bert(tmp_path / "bert", WORDS)
     transformer = Transformer(str(bert), max_seq_length=32)
     model = SentenceTransformer(
         modules=[transformer, Pooling(transformer.get_embedding_dimension())], device="cpu"
