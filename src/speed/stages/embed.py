@@ -28,7 +28,11 @@ class Embed(Stage):
     def run(self, ctx: StageContext) -> dict[str, Any]:
         from speed.training.contrastive import train_embedder
 
-        rows = read_rows(ctx.input("synthesize"))
+        # the trainer owns the instruction format (embed.use_instructions): hand it the bare query
+        rows = [
+            {**row, "query": row["query_text"]} if row.get("query_text") else row
+            for row in read_rows(ctx.input("synthesize"))
+        ]
         spec = ctx.cfg.models.embedder
         result = train_embedder(
             rows,
