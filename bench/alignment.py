@@ -58,7 +58,7 @@ brainstorm: {{kinds: [retrieval, classification, sts, matching_short], calls_per
 seed: {{num_examples: 96, kind_mix: {{retrieval: 1, classification: 1, sts: 1, matching_short: 1}}}}
 junior: {{batch_size: 8, per_device_batch_size: 4, epochs: 2, max_length: 1024, learning_rate: 5.0e-4}}
 candidates: {{num_prompts: 48, k: 4}}
-senior: {{batch_size: 8, per_device_batch_size: 4, epochs: 2, max_length: 1024, learning_rate: 5.0e-5}}
+senior: {{batch_size: 8, per_device_batch_size: 2, epochs: 2, max_length: 1024, learning_rate: 5.0e-5}}
 """
 
 
