@@ -161,20 +161,8 @@ def tiny_llama(dest: str | Path | None = None) -> Path:
     return dest
 
 
-#: a word-level vocabulary big enough for the tests' instructions, queries and labels
-BERT_WORDS = [
-    "instruct",
-    "query",
-    "find",
-    "documents",
-    "for",
-    "task",
-    "positive",
-    "document",
-    "number",
-    "hard",
-    "negative",
-    "about",
+#: plain words the tests build their sentences from
+WORDS = [
     "the",
     "a",
     "cat",
@@ -218,6 +206,23 @@ BERT_WORDS = [
     "river",
     "flows",
     "sea",
+    "find",
+]
+
+#: a word-level vocabulary big enough for the tests' instructions, queries and labels
+BERT_WORDS = [
+    "instruct",
+    "query",
+    "documents",
+    "for",
+    "task",
+    "positive",
+    "document",
+    "number",
+    "hard",
+    "negative",
+    "about",
+    *WORDS,
 ]
 
 

@@ -13,56 +13,9 @@ import pytest
 
 from speed.config import EmbedConfig
 from speed.training.contrastive import EmbedDataError, prepare_rows, train_embedder
-from tiny import make_tiny_bert
+from tiny import WORDS, make_tiny_bert
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-WORDS = [
-    "the",
-    "a",
-    "cat",
-    "dog",
-    "bird",
-    "fish",
-    "sat",
-    "on",
-    "mat",
-    "tree",
-    "sun",
-    "rises",
-    "in",
-    "east",
-    "water",
-    "is",
-    "wet",
-    "fire",
-    "hot",
-    "ice",
-    "cold",
-    "what",
-    "where",
-    "who",
-    "why",
-    "how",
-    "does",
-    "do",
-    "are",
-    "sky",
-    "blue",
-    "grass",
-    "green",
-    "red",
-    "car",
-    "fast",
-    "slow",
-    "big",
-    "small",
-    "house",
-    "river",
-    "flows",
-    "sea",
-    "find",
-]
 
 
 def make_tiny_llama(folder: Path) -> Path:

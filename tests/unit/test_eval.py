@@ -20,56 +20,10 @@ from speed.evaluation import (
     resolve_task_names,
 )
 from speed.evaluation.loaders import EvalDataError, load_beir
-from tiny import make_tiny_bert
+from tiny import WORDS, make_tiny_bert
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
-WORDS = [
-    "the",
-    "a",
-    "cat",
-    "dog",
-    "bird",
-    "fish",
-    "sat",
-    "on",
-    "mat",
-    "tree",
-    "sun",
-    "rises",
-    "in",
-    "east",
-    "water",
-    "is",
-    "wet",
-    "fire",
-    "hot",
-    "ice",
-    "cold",
-    "what",
-    "where",
-    "who",
-    "why",
-    "how",
-    "does",
-    "do",
-    "are",
-    "sky",
-    "blue",
-    "grass",
-    "green",
-    "red",
-    "car",
-    "fast",
-    "slow",
-    "big",
-    "small",
-    "house",
-    "river",
-    "flows",
-    "sea",
-]
 
 
 # --------------------------------------------------------------------------------------------
