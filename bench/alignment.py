@@ -18,7 +18,8 @@ SPEED: 1.0 and 1.0), and prints:
   losses), with a 95% Wilson interval.
 
 All calls go through a ledger of their own (``RUN/bench/ledger.sqlite``), so a rerun replays and the
-run's own cost report is untouched. Results are printed and written to ``RUN/bench/alignment.json``.
+run's own cost report is untouched. Results are printed and written to
+``RUN/bench/alignment-n{N}-{judge}.json``.
 
 Usage::
 
@@ -98,7 +99,7 @@ def generate(
     temp, top_p = cfg.models.senior.temperature, cfg.models.senior.top_p
     backend = load_backend(spec, threads=spec.threads or cfg.run.threads, model_path=model_path)
     llm = LedgeredBackend(
-        backend, ledger, role=name, stage="bench", flush_every=spec.batch_size, model_id=name
+        backend, ledger, role=name, stage="bench", flush_every=spec.batch_size, model_id=model_id
     )
     try:
         reqs = [
@@ -217,6 +218,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--n", type=int, default=50, help="held-out prompts")
     ap.add_argument(
+        "--judge", help="model that judges the win rates instead of the run's teacher (same backend)"
+    )
+    ap.add_argument(
         "--one-order",
         action="store_true",
         help="judge each pair once (random order) instead of in both orders",
@@ -272,6 +276,8 @@ def main() -> None:
 
     t2 = time.time()
     tspec = cfg.models.teacher
+    if args.judge:  # another model judges the win rates (the run's teacher may be too small)
+        tspec = tspec.model_copy(update={"model": args.judge, "file": None})
     teacher = LedgeredBackend(
         load_backend(tspec, threads=tspec.threads or cfg.run.threads),
         ledger,
@@ -309,7 +315,8 @@ def main() -> None:
     conditions = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"{'cuda' if torch.cuda.is_available() else 'cpu'}, threads {args.threads}",
-        "teacher": f"{tspec.backend}:{tspec.model} (judge at temperature 0)",
+        "teacher": f"{cfg.models.teacher.backend}:{cfg.models.teacher.model}",
+        "win-rate judge": f"{tspec.backend}:{tspec.model} (temperature 0)",
         "base": f"{cfg.models.junior.model} ({cfg.models.junior.backend})",
         "generation": f"temperature {cfg.models.senior.temperature}, top_p {cfg.models.senior.top_p}, "
         f"max_tokens {cfg.models.junior.max_tokens}",
@@ -327,7 +334,7 @@ def main() -> None:
         "seconds": {"pipeline": round(t_pipeline), "generate": round(t_generate), "judge": round(t_judge)},
     }
     result = {"conditions": conditions, "quality": scores, "win_rates": wins}
-    write_json(out / "alignment.json", result)
+    write_json(out / f"alignment-n{len(prompts)}-{Path(str(tspec.model)).name}.json", result)
 
     lines = ["", "== alignment benchmark =="]
     lines += [f"  {k}: {v}" for k, v in conditions.items()]
