@@ -340,6 +340,11 @@ def test_keys_follow_topics_kinds_and_templates(tmp_path: Path, base: Path) -> N
     keys = Runner(load_config(path)).keys
     topics = Runner(load_config(path, ["topics.max_depth=2"])).keys
     assert topics["brainstorm"] != keys["brainstorm"]
+    taxonomy = tmp_path / "topics.txt"
+    taxonomy.write_text("A/B\nC/D\n")
+    own = Runner(load_config(path, [f"topics.source={taxonomy}"])).keys
+    taxonomy.write_text("A/B\nC/E\n")
+    assert Runner(load_config(path, [f"topics.source={taxonomy}"])).keys["brainstorm"] != own["brainstorm"]
     mix = Runner(load_config(path, ["seed.kind_mix={retrieval: 1}"])).keys
     assert mix["brainstorm"] == keys["brainstorm"] and mix["seed"] != keys["seed"]
     assert mix["candidates"] != keys["candidates"]

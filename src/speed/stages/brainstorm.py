@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import re
+from pathlib import Path
 from typing import Any
 
 from speed.io import write_jsonl
@@ -38,7 +39,7 @@ def task_key(task: str) -> str:
     return _SPACE.sub(" ", task.casefold()).strip().rstrip(".")
 
 
-def tasks_schema(n: int) -> dict[str, Any]:
+def tasks_schema() -> dict[str, Any]:
     """JSON schema of the brainstorm answer."""
     return {
         "type": "object",
@@ -61,6 +62,19 @@ class Brainstorm(AlignmentStage):
         if cfg.topics.domain:
             names.append("domain_expansion")
         return tuple(names)
+
+    def template_hashes(self, cfg: Any) -> dict[str, str]:
+        hashes = super().template_hashes(cfg)
+        if not cfg.topics.domain:
+            # the taxonomy file's text, packaged or the user's, shapes the tasks as a template does
+            import hashlib
+
+            from speed.tasks.topics import TAXONOMY_PATH
+
+            path = TAXONOMY_PATH if cfg.topics.source == "builtin" else Path(cfg.topics.source)
+            if path.is_file():
+                hashes["topics:file"] = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+        return hashes
 
     def check(self, ctx: StageContext) -> None:
         from speed.tasks import get_kind
@@ -130,7 +144,7 @@ class Brainstorm(AlignmentStage):
                 chat(
                     kind.brainstorm_prompt(topic, bcfg.tasks_per_call),
                     sampling(spec, seed=ctx.seed_for(name, i)),
-                    schema=tasks_schema(bcfg.tasks_per_call),
+                    schema=tasks_schema(),
                 )
                 for i, topic in enumerate(drawn)
             ]
