@@ -80,13 +80,29 @@ class Stage(ABC):
     #: bump when the stage's code changes what it writes
     version: ClassVar[int] = 1
 
+    #: config values besides the stage's own section that shape its output: a section name, or a
+    #: dotted path into one (``"evaluate.tasks"``); their values enter the key
+    extra_sections: ClassVar[tuple[str, ...]] = ()
+
+    def template_names(self, cfg: SpeedConfig) -> tuple[str, ...]:
+        """Templates this stage renders under ``cfg`` (default: the class's ``templates``);
+        override when the config chooses them (one per task kind, say)."""
+        return tuple(self.templates)
+
     def template_hashes(self, cfg: SpeedConfig) -> dict[str, str]:
-        """Hash of each prompt template this stage renders (part of the key)."""
-        if not self.templates:
-            return {}
+        """What shapes the output besides the stage's own section (part of the key): the text of
+        each template it renders and the values of its ``extra_sections``. Override to add more
+        (a data file's hash), calling ``super()``."""
         from speed.tasks import template_hash
 
-        return {name: template_hash(name) for name in self.templates}
+        hashes = {name: template_hash(name) for name in sorted(set(self.template_names(cfg)))}
+        for path in self.extra_sections:
+            section, *fields = path.split(".")
+            value = cfg.section(section)
+            for field in fields:
+                value = value[field] if isinstance(value, dict) else getattr(value, field)
+            hashes[f"config:{path}"] = _hash(_dump(value))
+        return hashes
 
     def check(self, ctx: StageContext) -> None:  # noqa: B027 - optional hook
         """Fail fast, before any LLM call, when an input is missing or misshaped."""
@@ -456,7 +472,7 @@ class Runner:
         stats = stage.run(ctx) or {}
         elapsed = time.time() - t0
         calls = session.ledger.breakdown()
-        manifest = {
+        manifest: dict[str, Any] = {
             "stage": cls.name,
             "key": key,
             "speed_version": __version__,

@@ -151,3 +151,28 @@ def test_status_show_and_cost_on_a_finished_run(tmp_path):
 def test_status_of_a_folder_that_is_no_run(tmp_path):
     proc = speed("status", str(tmp_path))
     assert proc.returncode == 2 and "not a run directory" in proc.stderr
+
+
+def _keys(tmp_path: Path, *overrides: str) -> dict[str, str]:
+    from speed.runner import load_stages, order_stages, stage_keys
+
+    cfg = load_config(None, [f"run.dir={tmp_path / 'k'}", *overrides])
+    return stage_keys(cfg, order_stages(cfg, load_stages()))
+
+
+def test_keys_follow_what_shapes_each_stage(tmp_path):
+    base = _keys(tmp_path)
+    # another section that shapes brainstorming (extra_sections): brainstorm and all downstream move
+    topics = _keys(tmp_path, "topics.max_depth=3")
+    assert topics["brainstorm"] != base["brainstorm"] and topics["evaluate"] != base["evaluate"]
+    # a dotted extra section: the eval task list decides decontamination, so synthesize moves...
+    tasks = _keys(tmp_path, "evaluate.tasks=[STSBenchmark]")
+    assert tasks["synthesize"] != base["synthesize"] and tasks["senior"] == base["senior"]
+    # ...but the eval batch size shapes nothing upstream of evaluate
+    batch = _keys(tmp_path, "evaluate.batch_size=8")
+    assert batch["synthesize"] == base["synthesize"] and batch["evaluate"] != base["evaluate"]
+    # a config-chosen template set: a kind added to the seed mix changes the templates seed renders
+    mix = _keys(tmp_path, "seed.kind_mix={retrieval: 1}")
+    assert mix["seed"] != base["seed"] and mix["brainstorm"] == base["brainstorm"]
+    # runtime fields of a model spec change speed, not output
+    assert _keys(tmp_path, "models.teacher.threads=7") == base

@@ -1,9 +1,12 @@
 """The pipeline's stages, one module each; importing this package registers them all."""
 
 # alignment stages (SPEED): teacher -> junior (SFT) -> senior (DPO) -> revisor (SFT)
-from speed.stages import (  # noqa: F401
+# the embedding model and its evaluation
+from speed.stages import (  # noqa: F401  # noqa: E402, F401
     brainstorm,
     candidates,
+    embed,
+    evaluate,
     judge,
     junior,
     revisions,
@@ -12,6 +15,3 @@ from speed.stages import (  # noqa: F401
     senior,
     synthesize,  # the senior writes at scale, the revisor revises (sharded, local or Ray)
 )
-
-# the embedding model and its evaluation
-from speed.stages import embed, evaluate  # noqa: E402, F401

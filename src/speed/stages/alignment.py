@@ -15,66 +15,32 @@ Design choices:
   ``ctx.seed_for``: a rerun replays, a crash resumes after the last finished chunk.
 - The raw output is kept next to what was parsed from it, and every drop is counted by reason in a
   :class:`~speed.data.filters.DropCounter`; dropped rows are written to ``dropped.jsonl``.
-- A stage key must change when anything that shapes its output changes. The runner hashes a stage's
-  own config section and the templates it names; the alignment stages also depend on other sections
-  (brainstorm on ``topics``, candidates and revisions on the seed's kind mix through their upstream
-  keys) and on templates chosen by the config (one per kind). :class:`AlignmentStage` computes its
-  template names from the config and adds the hashes of such extra sections under ``config:NAME``.
+- A stage key must change when anything that shapes its output changes. Besides its own section,
+  an alignment stage depends on templates the config chooses (one per kind: ``template_names``) and
+  on other sections (brainstorm on ``topics``: ``extra_sections``); the runner's Stage base hashes
+  both.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import random
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 from speed.config import ModelSpec, SpeedConfig
 from speed.io import read_rows
 from speed.llm.base import Completion, Request, Sampling
-from speed.runner import Stage, StageContext, StageError
+from speed.runner import StageContext, StageError
 
 if TYPE_CHECKING:
     from speed.data.filters import DropCounter, Filter
     from speed.tasks.base import Example, TaskKind
 
 logger = logging.getLogger(__name__)
-
-
-# --------------------------------------------------------------------------------------------
-# stage base
-
-
-class AlignmentStage(Stage):
-    """A stage whose template names (and extra key parts) depend on the config."""
-
-    #: config sections besides its own whose values shape this stage's output
-    extra_sections: ClassVar[tuple[str, ...]] = ()
-
-    def template_names(self, cfg: SpeedConfig) -> tuple[str, ...]:
-        """Templates this stage renders under ``cfg`` (default: the class's ``templates``)."""
-        return tuple(self.templates)
-
-    def template_hashes(self, cfg: SpeedConfig) -> dict[str, str]:
-        from speed.tasks.base import template_hash
-
-        hashes = {name: template_hash([name]) for name in sorted(set(self.template_names(cfg)))}
-        for section in self.extra_sections:
-            hashes[f"config:{section}"] = _hash(_dump(cfg.section(section)))
-        return hashes
-
-
-def _dump(obj: Any) -> Any:
-    return obj.model_dump(mode="json") if hasattr(obj, "model_dump") else obj
-
-
-def _hash(payload: Any) -> str:
-    blob = json.dumps(payload, sort_keys=True, ensure_ascii=False, default=str)
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
 
 
 def kind_templates(kinds: Iterable[str], *, brainstorm: bool = False, generate: bool = False) -> list[str]:

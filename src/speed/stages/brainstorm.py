@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from speed.io import write_jsonl
-from speed.runner import StageContext, StageError, register
-from speed.stages.alignment import AlignmentStage, chat, generate_all, kind_templates, sampling
+from speed.runner import Stage, StageContext, StageError, register
+from speed.stages.alignment import chat, generate_all, kind_templates, sampling
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def tasks_schema() -> dict[str, Any]:
 
 
 @register
-class Brainstorm(AlignmentStage):
+class Brainstorm(Stage):
     """Teacher-written tasks per kind, tied to topics."""
 
     name = "brainstorm"

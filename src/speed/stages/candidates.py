@@ -17,9 +17,8 @@ import logging
 from typing import Any
 
 from speed.io import write_jsonl
-from speed.runner import StageContext, StageError, register
+from speed.runner import Stage, StageContext, StageError, register
 from speed.stages.alignment import (
-    AlignmentStage,
     chat,
     check_pool,
     generate_all,
@@ -35,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 
 @register
-class Candidates(AlignmentStage):
+class Candidates(Stage):
     """K junior samples per new prompt."""
 
     name = "candidates"

@@ -43,8 +43,8 @@ from typing import Any
 from pydantic import model_validator
 
 from speed.io import write_jsonl
-from speed.runner import StageContext, StageError, register
-from speed.stages.alignment import AlignmentStage, chat, generate_all, normalize, require_rows, sampling
+from speed.runner import Stage, StageContext, StageError, register
+from speed.stages.alignment import chat, generate_all, normalize, require_rows, sampling
 from speed.tasks.base import Judgement
 
 logger = logging.getLogger(__name__)
@@ -140,7 +140,7 @@ def read_verdict(text: str, num_shown: int) -> tuple[Judgement | None, str | Non
 
 
 @register
-class Judge(AlignmentStage):
+class Judge(Stage):
     """Teacher verdicts on candidate lists, as DPO pairs."""
 
     name = "judge"

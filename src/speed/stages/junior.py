@@ -15,8 +15,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from speed.runner import StageContext, register
-from speed.stages.alignment import AlignmentStage, free_local_models, require_rows
+from speed.runner import Stage, StageContext, register
+from speed.stages.alignment import free_local_models, require_rows
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def base_model(ctx: StageContext, role: str) -> str:
 
 
 @register
-class Junior(AlignmentStage):
+class Junior(Stage):
     """SFT of the junior on seed examples."""
 
     name = "junior"

@@ -19,9 +19,8 @@ import logging
 from typing import Any
 
 from speed.io import write_jsonl
-from speed.runner import StageContext, StageError, register
+from speed.runner import Stage, StageContext, StageError, register
 from speed.stages.alignment import (
-    AlignmentStage,
     build_filters,
     chat,
     check_pool,
@@ -53,7 +52,7 @@ def revision_json_schema(kind: Any) -> dict[str, Any]:
 
 
 @register
-class Revisions(AlignmentStage):
+class Revisions(Stage):
     """Senior outputs and the teacher's revisions of them."""
 
     name = "revisions"

@@ -12,8 +12,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from speed.runner import StageContext, register
-from speed.stages.alignment import AlignmentStage, free_local_models, require_rows
+from speed.runner import Stage, StageContext, register
+from speed.stages.alignment import free_local_models, require_rows
 from speed.stages.junior import base_model
 
 logger = logging.getLogger(__name__)
@@ -30,7 +30,7 @@ def revisor_rows(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
 
 
 @register
-class Revisor(AlignmentStage):
+class Revisor(Stage):
     """SFT of the data revisor."""
 
     name = "revisor"

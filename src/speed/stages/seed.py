@@ -16,9 +16,8 @@ import logging
 from typing import Any
 
 from speed.io import write_jsonl
-from speed.runner import StageContext, StageError, register
+from speed.runner import Stage, StageContext, StageError, register
 from speed.stages.alignment import (
-    AlignmentStage,
     build_filters,
     chat,
     check_pool,
@@ -36,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 
 @register
-class Seed(AlignmentStage):
+class Seed(Stage):
     """Teacher-written seed examples."""
 
     name = "seed"

@@ -12,14 +12,14 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from speed.runner import StageContext, StageError, register
-from speed.stages.alignment import AlignmentStage, free_local_models, require_rows
+from speed.runner import Stage, StageContext, StageError, register
+from speed.stages.alignment import free_local_models, require_rows
 
 logger = logging.getLogger(__name__)
 
 
 @register
-class Senior(AlignmentStage):
+class Senior(Stage):
     """DPO of the junior into the senior."""
 
     name = "senior"

@@ -56,8 +56,8 @@ from typing import Any
 from speed.executors.base import Shard, Worker, WorkerEnv, WorkerFactory
 from speed.io import atomic_write, read_jsonl, write_json, write_jsonl
 from speed.llm.base import Request, Sampling
-from speed.runner import StageContext, StageError, register
-from speed.stages.alignment import AlignmentStage, kind_templates, require_rows, task_pool
+from speed.runner import Stage, StageContext, StageError, register
+from speed.stages.alignment import kind_templates, require_rows, task_pool
 
 logger = logging.getLogger(__name__)
 
@@ -296,12 +296,14 @@ class SynthesisWorker(Worker):
 
 
 @register
-class Synthesize(AlignmentStage):
+class Synthesize(Stage):
     """Senior writes, revisor revises, then parse, filter, decontaminate, dedup; sharded, resumable."""
 
     name = "synthesize"
     reads = ("brainstorm", "senior", "revisor")
     roles = ("senior", "revisor")
+    # the evaluation tasks decide what decontamination drops (the rest of evaluate does not)
+    extra_sections = ("evaluate.tasks",)
 
     def template_names(self, cfg: Any) -> tuple[str, ...]:
         kinds = [k for k, w in cfg.synthesize.kind_mix.items() if w > 0]
@@ -309,14 +311,6 @@ class Synthesize(AlignmentStage):
         if cfg.synthesize.revise:
             names.append("revisor")
         return tuple(names)
-
-    def template_hashes(self, cfg: Any) -> dict[str, str]:
-        hashes = super().template_hashes(cfg)
-        # the evaluation tasks decide what decontamination drops (the rest of evaluate does not)
-        from speed.stages.alignment import _hash
-
-        hashes["config:evaluate.tasks"] = _hash(list(cfg.evaluate.tasks))
-        return hashes
 
     # -- inputs --------------------------------------------------------------------------------
 
