@@ -100,6 +100,22 @@ class ModelsConfig(Section):
         description="The embedding model trained on the synthetic data.",
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _tweak_role_defaults(cls, data: Any) -> Any:
+        """A role given without a ``backend`` tweaks that role's default spec (``-o
+        models.teacher.threads=4`` keeps the default teacher); one naming a backend stands alone."""
+        if not isinstance(data, dict):
+            return data
+        merged = dict(data)
+        for role, value in data.items():
+            field = cls.model_fields.get(role)
+            if field is None or not isinstance(value, dict) or "backend" in value:
+                continue
+            default = field.get_default(call_default_factory=True)
+            merged[role] = {**default.model_dump(exclude_unset=True), **value}
+        return merged
+
 
 ROLES = tuple(ModelsConfig.model_fields)
 
@@ -176,18 +192,22 @@ class BrainstormConfig(Section):
     )
 
 
+#: SPEED's mix of task kinds, 7:7:7:2 with matching split into short and long
+PAPER_KIND_MIX: dict[str, float] = {
+    "retrieval": 7,
+    "classification": 7,
+    "sts": 7,
+    "matching_short": 1,
+    "matching_long": 1,
+}
+
+
 class SeedConfig(Section):
     """The teacher writes seed examples for sampled (task, attributes) prompts."""
 
     num_examples: int = Field(25_000, gt=0, description="Seed examples (paper: 25K teacher calls).")
     kind_mix: dict[str, float] = Field(
-        default_factory=lambda: {
-            "retrieval": 7,
-            "classification": 7,
-            "sts": 7,
-            "matching_short": 1,
-            "matching_long": 1,
-        },
+        default_factory=lambda: dict(PAPER_KIND_MIX),
         description="Relative weights of kinds in the generation prompts of seed, candidates and "
         "revisions (SPEED 7:7:7:2, matching split in two).",
     )
@@ -195,7 +215,9 @@ class SeedConfig(Section):
     check_language: bool = Field(
         True, description="Drop examples in another language than asked (seed and revisions)."
     )
-    dedup_threshold: float = Field(0.8, gt=0, le=1, description="MinHash Jaccard threshold for seed examples.")
+    dedup_threshold: float = Field(
+        0.8, gt=0, le=1, description="MinHash Jaccard threshold for seed examples."
+    )
 
     @field_validator("kind_mix")
     @classmethod
@@ -224,7 +246,8 @@ class SFTConfig(Section):
     lora_alpha: int = Field(32, gt=0)
     lora_dropout: float = Field(0.05, ge=0, lt=1)
     lora_target_modules: str | list[str] = Field(
-        "all-linear", description="Modules that get LoRA adapters (PEFT names; 'all-linear': every linear layer)."
+        "all-linear",
+        description="Modules that get LoRA adapters (PEFT names; 'all-linear': every linear layer).",
     )
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
     precision: Literal["auto", "bf16", "fp32"] = Field(
@@ -272,7 +295,8 @@ class DPOConfig(Section):
     lora_alpha: int = Field(32, gt=0)
     lora_dropout: float = Field(0.05, ge=0, lt=1)
     lora_target_modules: str | list[str] = Field(
-        "all-linear", description="Modules that get LoRA adapters (PEFT names; 'all-linear': every linear layer)."
+        "all-linear",
+        description="Modules that get LoRA adapters (PEFT names; 'all-linear': every linear layer).",
     )
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
     precision: Literal["auto", "bf16", "fp32"] = Field(
@@ -299,13 +323,7 @@ class SynthesizeConfig(Section):
 
     num_examples: int = Field(920_000, gt=0, description="Prompts to generate for (SPEED: 920K kept).")
     kind_mix: dict[str, float] = Field(
-        default_factory=lambda: {
-            "retrieval": 7,
-            "classification": 7,
-            "sts": 7,
-            "matching_short": 1,
-            "matching_long": 1,
-        },
+        default_factory=lambda: dict(PAPER_KIND_MIX),
         description="Relative weights of kinds (SPEED 7:7:7:2, matching split in two).",
     )
     revise: bool = Field(True, description="One revisor pass over the senior's outputs.")
@@ -350,8 +368,9 @@ class EmbedConfig(Section):
     lora_alpha: int = Field(32, gt=0, description="LoRA alpha (E5: 32).")
     lora_dropout: float = Field(0.1, ge=0, lt=1, description="LoRA dropout (E5: 0.1).")
     merge_lora: bool = Field(
-        True, description="Merge LoRA adapters into the saved weights (a plain model folder); False: "
-        "save the adapter only, which needs the base model to load."
+        True,
+        description="Merge LoRA adapters into the saved weights (a plain model folder); False: "
+        "save the adapter only, which needs the base model to load.",
     )
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory (large decoders).")
     pooling: Literal["auto", "mean", "cls", "lasttoken"] = "auto"
@@ -368,8 +387,9 @@ class EvaluateConfig(Section):
     )
     baseline: str | None = Field(None, description="Model evaluated beside the trained one.")
     instructions: bool = Field(
-        True, description="Give the trained model E5-style per-task instructions on the query side "
-        "(set it as embed.use_instructions); the baseline is evaluated without."
+        True,
+        description="Give the trained model E5-style per-task instructions on the query side "
+        "(set it as embed.use_instructions); the baseline is evaluated without.",
     )
     batch_size: int = Field(64, gt=0)
 

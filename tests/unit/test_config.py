@@ -72,3 +72,16 @@ def test_cli_exits_nonzero_naming_the_misspelt_key(tmp_path):
     assert "num_exampels" in proc.stderr
     assert "num_examples" in proc.stderr.split("num_exampels", 1)[1]
     assert not (tmp_path / "run").exists()
+
+
+def test_a_role_without_backend_tweaks_the_default_spec():
+    cfg = load_config(None, ["models.teacher.threads=7", "models.embedder.model=my/embedder"])
+    assert (cfg.models.teacher.backend, cfg.models.teacher.model, cfg.models.teacher.threads) == (
+        "openai",
+        "gpt-4o",
+        7,
+    )
+    assert (cfg.models.embedder.backend, cfg.models.embedder.model) == ("hf", "my/embedder")
+    # naming a backend starts a spec of its own: the default's API key variable does not leak in
+    own = load_config(None, ["models.teacher.backend=llamacpp_server", "models.teacher.model=m"])
+    assert own.models.teacher.api_key_env is None
