@@ -154,4 +154,3 @@ def test_status_show_and_a_rerun_that_sends_nothing(run: Path) -> None:
     assert again.returncode == 0, again.stderr[-4000:]
     assert again.stderr.count("skipped") == len(STAGES)
     assert len(Ledger(run / "ledger.sqlite").rows(limit=1_000_000)) == rows_before
-
