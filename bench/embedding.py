@@ -171,9 +171,9 @@ def main() -> None:
     transformers.logging.set_verbosity_error()
     os.environ.setdefault("TQDM_DISABLE", "1")
     torch.set_num_threads(args.threads)
-    from speed.paths import resolve_model_path
+    from speed.models import resolve_hf
 
-    model = resolve_model_path(args.model)
+    model = resolve_hf(args.model)
     rows = make_rows(args.rows)
     results: dict[str, list[tuple[float, float]]] = {
         "speed train_embedder": [],

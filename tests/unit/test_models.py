@@ -148,3 +148,38 @@ def test_cache_dir_setting(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> N
 def test_resolution_never_imports_the_part_packages(fake_model: tuple[PackagedModel, bytes]) -> None:
     resolve_gguf("fake-llm")
     assert not [m for m in sys.modules if m.startswith("fake_llm_part")]
+
+
+def test_a_packaged_embedder_resolves_to_its_folder_under_every_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    site = tmp_path / "site"
+    (site / "fake_embedder" / "model").mkdir(parents=True)
+    (site / "fake_embedder" / "__init__.py").write_text("raise ImportError('do not import me')\n")
+    (site / "fake_embedder" / "model" / "config.json").write_text("{}")
+    monkeypatch.syspath_prepend(str(site))
+    model = PackagedModel(
+        name="fake-embedder",
+        upstream="nobody/Fake-Embedder",
+        gguf_name="",
+        distributions=("fake-embedder",),
+        modules=("fake_embedder",),
+        resources=("model",),
+        sha256=None,
+        layout="folder",
+        aliases=("nobody/Fake-Embedder",),
+    )
+    monkeypatch.setitem(models.PACKAGED, "fake-embedder", model)
+    folder = str(site / "fake_embedder" / "model")
+    assert resolve_hf("fake-embedder") == folder
+    assert resolve_hf("nobody/Fake-Embedder") == folder
+    assert is_installed("nobody/Fake-Embedder")
+    with pytest.raises(ModelNotFoundError, match="not a GGUF"):
+        resolve_gguf("fake-embedder")
+    # a packaged LLM's hub name is no alias: online, the hub's own weights are wanted, not the GGUF
+    assert resolve_hf("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def test_the_real_minilm_package_resolves() -> None:
+    folder = Path(resolve_hf("sentence-transformers/all-MiniLM-L6-v2"))
+    assert (folder / "config.json").is_file() and (folder / "modules.json").is_file()

@@ -25,7 +25,8 @@ from typing import Any
 
 from speed.evaluation.registry import INSTRUCTIONS, get_task, resolve_task_names
 from speed.evaluation.results import category_averages, write_results
-from speed.paths import eval_data_dir, resolve_model_path
+from speed.models import resolve_hf
+from speed.paths import eval_data_dir
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ def load_embedder(model: str | os.PathLike[str], device: str | None = None) -> A
         from sentence_transformers import SentenceTransformer
     except ImportError as err:
         raise ImportError(f"evaluation needs sentence-transformers: {INSTALL_HINT}") from err
-    path = resolve_model_path(model)
+    path = resolve_hf(model)
     try:
         return SentenceTransformer(path, device=device)
     except OSError as err:

@@ -40,10 +40,9 @@ def baseline_cache_path(model: str, tasks: list[str], data_dir: Path, batch_size
     import mteb
 
     from speed.evaluation import TASKS
-    from speed.models import cache_dir
-    from speed.paths import resolve_model_path
+    from speed.models import cache_dir, resolve_hf
 
-    folder = Path(resolve_model_path(model))
+    folder = Path(resolve_hf(model))
     if not folder.is_dir():
         return None
     payload = {

@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from speed.config import EmbedConfig
-from speed.paths import resolve_model_path
+from speed.models import resolve_hf
 
 logger = logging.getLogger(__name__)
 
@@ -288,7 +288,7 @@ def build_model(
         raise ImportError(f"embedding training needs sentence-transformers: {INSTALL_HINT}") from err
     from sentence_transformers.base.modules import Normalize, Transformer
 
-    path = resolve_model_path(model)
+    path = resolve_hf(model)
     is_st_folder = (Path(path) / "modules.json").is_file()
     info: dict[str, Any] = {"decoder": False, "lora": False, "eos_appended": False}
     if is_st_folder:
