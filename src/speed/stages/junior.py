@@ -13,7 +13,8 @@ losses). Local models of every role are closed before training to free memory.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from abc import abstractmethod
+from typing import Any, ClassVar
 
 from speed.runner import Stage, StageContext, register
 from speed.stages.alignment import free_local_models, require_rows
@@ -46,32 +47,48 @@ def base_model(ctx: StageContext, role: str) -> str:
     return resolve_hf(spec.model, file=spec.file)
 
 
+class SFTStage(Stage):
+    """LoRA SFT of the role's base model on rows built from one upstream stage (junior, revisor)."""
+
+    #: fields every upstream row must carry
+    fields: ClassVar[tuple[str, ...]]
+
+    @abstractmethod
+    def training_rows(self, rows: list[dict[str, Any]]) -> list[dict[str, str]]:
+        """``{prompt, completion}`` pairs from the upstream rows."""
+
+    def check(self, ctx: StageContext) -> None:
+        require_rows(ctx, self.reads[0], self.fields)
+        base_model(ctx, self.roles[0])
+
+    def run(self, ctx: StageContext) -> dict[str, Any]:
+        from speed.training.sft import train_sft
+
+        role = self.roles[0]
+        rows = self.training_rows(require_rows(ctx, self.reads[0], self.fields))
+        base = base_model(ctx, role)
+        free_local_models(ctx)
+        spec = getattr(ctx.cfg.models, role)
+        result = train_sft(
+            base,
+            rows,
+            ctx.cfg.section(self.section or self.name),
+            ctx.out,
+            seed=ctx.cfg.run.seed,
+            threads=spec.threads or ctx.cfg.run.threads,
+            what=self.name,
+        )
+        return {"count": len(rows), "base": str(spec.model), **result.to_stats(ctx.out)}
+
+
 @register
-class Junior(Stage):
+class Junior(SFTStage):
     """SFT of the junior on seed examples."""
 
     name = "junior"
     reads = ("seed",)
     roles = ("junior",)
+    fields = ("prompt", "example")
 
-    def check(self, ctx: StageContext) -> None:
-        require_rows(ctx, "seed", ("prompt", "example"))
-        base_model(ctx, "junior")
-
-    def run(self, ctx: StageContext) -> dict[str, Any]:
-        from speed.training.sft import train_sft
-
-        rows = sft_rows(require_rows(ctx, "seed", ("prompt", "example")))
-        base = base_model(ctx, "junior")
-        free_local_models(ctx)
-        spec = ctx.cfg.models.junior
-        result = train_sft(
-            base,
-            rows,
-            ctx.cfg.junior,
-            ctx.out,
-            seed=ctx.cfg.run.seed,
-            threads=spec.threads or ctx.cfg.run.threads,
-            what="junior",
-        )
-        return {"count": len(rows), "base": str(spec.model), **result.to_stats(ctx.out)}
+    def training_rows(self, rows: list[dict[str, Any]]) -> list[dict[str, str]]:
+        return sft_rows(rows)

@@ -12,9 +12,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from speed.runner import Stage, StageContext, register
-from speed.stages.alignment import free_local_models, require_rows
-from speed.stages.junior import base_model
+from speed.runner import register
+from speed.stages.junior import SFTStage
 
 logger = logging.getLogger(__name__)
 
@@ -30,32 +29,14 @@ def revisor_rows(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
 
 
 @register
-class Revisor(Stage):
+class Revisor(SFTStage):
     """SFT of the data revisor."""
 
     name = "revisor"
     reads = ("revisions",)
     roles = ("revisor",)
     templates = ("revisor",)
+    fields = ("prompt", "senior", "revised")
 
-    def check(self, ctx: StageContext) -> None:
-        require_rows(ctx, "revisions", ("prompt", "senior", "revised"))
-        base_model(ctx, "revisor")
-
-    def run(self, ctx: StageContext) -> dict[str, Any]:
-        from speed.training.sft import train_sft
-
-        rows = revisor_rows(require_rows(ctx, "revisions", ("prompt", "senior", "revised")))
-        base = base_model(ctx, "revisor")
-        free_local_models(ctx)
-        spec = ctx.cfg.models.revisor
-        result = train_sft(
-            base,
-            rows,
-            ctx.cfg.revisor,
-            ctx.out,
-            seed=ctx.cfg.run.seed,
-            threads=spec.threads or ctx.cfg.run.threads,
-            what="revisor",
-        )
-        return {"count": len(rows), "base": str(spec.model), **result.to_stats(ctx.out)}
+    def training_rows(self, rows: list[dict[str, Any]]) -> list[dict[str, str]]:
+        return revisor_rows(rows)

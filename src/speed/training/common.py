@@ -28,7 +28,10 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from speed.config import LoRATrainingConfig
 
 logger = logging.getLogger(__name__)
 
@@ -273,7 +276,7 @@ def accumulation(batch_size: int, per_device: int, what: str) -> int:
 def trainer_args(
     *,
     out_dir: Path,
-    cfg: Any,
+    cfg: LoRATrainingConfig,
     seed: int,
     device: str,
     precision: str,
