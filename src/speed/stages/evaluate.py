@@ -35,7 +35,9 @@ def _fingerprint(folder: Path) -> list[tuple[str, int, int]]:
     )
 
 
-def baseline_cache_path(model: str, tasks: list[str], data_dir: Path, batch_size: int) -> Path | None:
+def baseline_cache_path(
+    model: str, tasks: list[str], data_dir: Path, batch_size: int, precision: str
+) -> Path | None:
     """Where the baseline's result for these tasks is cached, or None when it must not be."""
     import mteb
 
@@ -52,6 +54,7 @@ def baseline_cache_path(model: str, tasks: list[str], data_dir: Path, batch_size
         "data_dir": str(data_dir.resolve()),
         "mteb": getattr(mteb, "__version__", "?"),
         "batch_size": batch_size,
+        "precision": precision,
     }
     key = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
     return cache_dir() / "eval" / f"baseline-{key}.json"
@@ -72,22 +75,31 @@ class Evaluate(Stage):
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
         from speed.evaluation import evaluate_model, resolve_task_names
+        from speed.evaluation.mteb_eval import resolve_precision
         from speed.paths import eval_data_dir
 
         section = ctx.cfg.evaluate
         spec = ctx.cfg.models.embedder
         threads = spec.threads or ctx.cfg.run.threads
+        precision = resolve_precision(section.precision)
         baseline: Any = section.baseline or spec.model
         cached = None
         if baseline:
             tasks = resolve_task_names(section.tasks)
-            cached = baseline_cache_path(baseline, tasks, eval_data_dir(section.data_dir), section.batch_size)
+            cached = baseline_cache_path(
+                baseline, tasks, eval_data_dir(section.data_dir), section.batch_size, precision
+            )
             if cached is not None and cached.exists():
                 logger.info("baseline %s: scores from the cache %s", baseline, cached)
                 baseline = read_json(cached)
             elif cached is not None:
                 baseline = evaluate_model(
-                    baseline, tasks, data_dir=section.data_dir, batch_size=section.batch_size, threads=threads
+                    baseline,
+                    tasks,
+                    data_dir=section.data_dir,
+                    batch_size=section.batch_size,
+                    threads=threads,
+                    precision=precision,
                 )
                 write_json(cached, baseline)
         result = evaluate_model(
@@ -100,6 +112,7 @@ class Evaluate(Stage):
             baseline=baseline,
             model_name="trained",
             threads=threads,
+            precision=precision,
         )
         scores = {name: t["main_score"] for name, t in result["tasks"].items()}
         base = result.get("baseline", {}).get("tasks", {})
