@@ -13,6 +13,9 @@ Design choices:
 - A failed request is recorded with its error but never replayed: a rerun asks again. ``attempts``
   accumulates over reruns.
 - Only the request payload is stored: no endpoint URL, header or API key ever reaches the database.
+- Which calls a stage used is kept apart from the calls themselves (table ``uses``: stage key, call
+  key), so a stage's manifest counts the calls behind its output, sent now or replayed, and not
+  those of a superseded run of the same stage (another key) that the ledger still holds.
 """
 
 from __future__ import annotations
@@ -49,6 +52,11 @@ CREATE TABLE IF NOT EXISTS calls (
     updated_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS calls_stage_role ON calls(stage, role);
+CREATE TABLE IF NOT EXISTS uses (
+    stage_key  TEXT NOT NULL,
+    call_key   TEXT NOT NULL,
+    PRIMARY KEY (stage_key, call_key)
+);
 """
 
 
@@ -141,6 +149,18 @@ class Ledger:
             ).fetchone()
         return Totals(*(v or 0 for v in row))
 
+    def usage(self, stage_key: str) -> dict[str, Totals]:
+        """Totals per role over the calls a stage run (its key) used, sent or replayed."""
+        with self._conn() as conn:
+            rows = conn.execute(
+                "SELECT c.role, SUM(c.error IS NULL), SUM(CASE WHEN c.error IS NULL THEN c.tokens_in END), "
+                "SUM(CASE WHEN c.error IS NULL THEN c.tokens_out END), SUM(c.error IS NOT NULL), "
+                "SUM(c.latency_s) FROM uses u JOIN calls c ON c.key = u.call_key "
+                "WHERE u.stage_key = ? GROUP BY c.role ORDER BY c.role",
+                (stage_key,),
+            ).fetchall()
+        return {role: Totals(*(v or 0 for v in rest)) for role, *rest in rows}
+
     def breakdown(self) -> dict[tuple[str, str], Totals]:
         """Totals per (stage, role)."""
         with self._conn() as conn:
@@ -163,6 +183,14 @@ class Ledger:
                 conn.row_factory = None
 
     # -- writes --------------------------------------------------------------------------------
+
+    def use(self, stage_key: str, keys: Sequence[str]) -> None:
+        """Note that the stage run ``stage_key`` used the calls ``keys``."""
+        with self._conn() as conn:
+            conn.executemany(
+                "INSERT OR IGNORE INTO uses (stage_key, call_key) VALUES (?, ?)",
+                [(stage_key, k) for k in dict.fromkeys(keys)],
+            )
 
     def record(
         self, stage: str, role: str, model: str, items: Sequence[tuple[str, Request, Completion]]
@@ -220,6 +248,8 @@ class LedgeredBackend(Backend):
         stage: the stage the calls belong to (for the cost report).
         flush_every: requests per chunk sent to the backend.
         model_id: label of the model for the ledger key; defaults to ``backend.model_id``.
+        stage_key: the key of the stage run; every call answered here, sent or replayed, is noted
+            as used by it (:meth:`Ledger.usage`).
     """
 
     name = "ledgered"
@@ -232,6 +262,7 @@ class LedgeredBackend(Backend):
         stage: str,
         flush_every: int = 32,
         model_id: str | None = None,
+        stage_key: str | None = None,
     ):
         self.backend = backend
         self.ledger = ledger
@@ -239,6 +270,7 @@ class LedgeredBackend(Backend):
         self.stage = stage
         self.flush_every = max(1, flush_every)
         self.model_id = model_id or backend.model_id
+        self.stage_key = stage_key
         self.sent = 0
         self.replayed = 0
 
@@ -270,6 +302,8 @@ class LedgeredBackend(Backend):
         for i in todo:
             if out[i] is None:
                 out[i] = out[first[keys[i]]]
+        if self.stage_key is not None:
+            self.ledger.use(self.stage_key, keys)
         return [c for c in out if c is not None]
 
     def close(self) -> None:

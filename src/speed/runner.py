@@ -290,7 +290,7 @@ class StageContext:
             model_path: weights trained in the run (a merged model or adapter folder), replacing
                 the spec's ``model``.
         """
-        return self.session.llm(role, self.name, model_path)
+        return self.session.llm(role, self.name, model_path, stage_key=self.key)
 
     def rng(self, salt: str = "") -> random.Random:
         """A random generator seeded by the run seed, this stage and ``salt``."""
@@ -328,7 +328,11 @@ class RunSession:
         self._backends: dict[tuple[str, str | None], Backend] = {}
         self._executor: Any = None
 
-    def llm(self, role: str, stage: str, model_path: str | Path | None = None) -> LedgeredBackend:
+    def llm(
+        self, role: str, stage: str, model_path: str | Path | None = None, stage_key: str | None = None
+    ) -> LedgeredBackend:
+        from speed.executors.base import ledger_model_id
+
         spec: ModelSpec = getattr(self.cfg.models, role)
         path = str(model_path) if model_path is not None else None
         cache_key = (role, path)
@@ -339,16 +343,14 @@ class RunSession:
             self._stack.callback(backend.close)
             self._backends[cache_key] = backend
         backend = self._backends[cache_key]
-        # the ledger key names the weights: a trained model in the run is named by its folder
-        # relative to the run, so that a copied run replays on another machine
-        model_id = backend.model_id
-        if path is not None:
-            try:
-                model_id = f"run:{Path(path).resolve().relative_to(self.run_dir.resolve())}"
-            except ValueError:
-                model_id = path
         return LedgeredBackend(
-            backend, self.ledger, role, stage, flush_every=spec.batch_size, model_id=model_id
+            backend,
+            self.ledger,
+            role,
+            stage,
+            flush_every=spec.batch_size,
+            model_id=ledger_model_id(self.run_dir, path) or backend.model_id,
+            stage_key=stage_key,
         )
 
     def release(self, role: str) -> None:
@@ -471,7 +473,9 @@ class Runner:
         stage.check(ctx)
         stats = stage.run(ctx) or {}
         elapsed = time.time() - t0
-        calls = session.ledger.breakdown()
+        calls = session.ledger.usage(key)
+        if not calls:  # a stage that made its LedgeredBackend without its key: all calls by name
+            calls = {r: t for (st, r), t in session.ledger.breakdown().items() if st == cls.name}
         manifest: dict[str, Any] = {
             "stage": cls.name,
             "key": key,
@@ -481,7 +485,7 @@ class Runner:
             "duration_s": round(elapsed, 3),
             "resumed": resumed,
             "stats": stats,
-            "calls": {role: t.to_dict() for (st, role), t in calls.items() if st == cls.name},
+            "calls": {role: t.to_dict() for role, t in calls.items()},
             "files": sorted(
                 str(p.relative_to(work)) for p in work.rglob("*") if p.is_file() and p.name != "KEY"
             ),

@@ -38,7 +38,9 @@ class Numbers(Stage):
         section = ctx.cfg.extra.get("numbers", {})
         count, delay = int(section.get("count", 10)), float(section.get("delay", 0.0))
         rng = ctx.rng("values")
-        llm = LedgeredBackend(EchoBackend(), ctx.ledger, role="teacher", stage=ctx.name, flush_every=1)
+        llm = LedgeredBackend(
+            EchoBackend(), ctx.ledger, role="teacher", stage=ctx.name, flush_every=1, stage_key=ctx.key
+        )
         rows = []
         with open(ctx.out / "progress.txt", "w") as progress:
             for i in range(count):

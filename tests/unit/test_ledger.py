@@ -88,3 +88,17 @@ def test_ledger_is_wal_and_stores_no_secret(tmp_path, monkeypatch):
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     blob = b"".join(p.read_bytes() for p in tmp_path.iterdir())
     assert b"sk-test-secret" not in blob
+
+
+def test_usage_counts_what_a_stage_run_used_sent_or_replayed(tmp_path):
+    ledger = Ledger(tmp_path / "l.sqlite")
+    reqs = [Request.chat(f"q{i}") for i in range(4)]
+    old = LedgeredBackend(CountingBackend(), ledger, role="teacher", stage="seed", stage_key="k1")
+    old.generate(reqs)
+    new = LedgeredBackend(CountingBackend(), ledger, role="teacher", stage="seed", stage_key="k2")
+    new.generate([*reqs[:2], Request.chat("q9")])
+    assert (new.replayed, new.sent) == (2, 1)
+    assert ledger.usage("k1")["teacher"].calls == 4
+    assert ledger.usage("k2")["teacher"].calls == 3 and ledger.usage("k2")["teacher"].tokens_in == 15
+    assert ledger.totals(stage="seed").calls == 5
+    assert ledger.usage("never") == {}

@@ -176,3 +176,27 @@ def test_keys_follow_what_shapes_each_stage(tmp_path):
     assert mix["seed"] != base["seed"] and mix["brainstorm"] == base["brainstorm"]
     # runtime fields of a model spec change speed, not output
     assert _keys(tmp_path, "models.teacher.threads=7") == base
+
+
+def test_a_rerun_stage_counts_the_calls_it_used_not_the_superseded_ones(tmp_path):
+    from speed.cli import cost_summary
+
+    Runner(load_config(write_config(tmp_path, "r", count=5))).run()
+    Runner(load_config(write_config(tmp_path, "r", count=3))).run()  # new key; 3 calls replayed
+    manifest = json.loads((tmp_path / "r" / "numbers" / "manifest.json").read_text())
+    assert manifest["stats"]["replayed"] == 3 and manifest["stats"]["sent"] == 0
+    assert manifest["calls"]["teacher"]["calls"] == 3
+    cost = cost_summary(tmp_path / "r")
+    assert cost["teacher_by_stage"]["numbers"]["calls"] == 3 and cost["teacher_total"]["calls"] == 3
+    assert cost["teacher_ledger_total"]["calls"] == 5  # what the run directory paid, all told
+
+
+def test_weights_trained_in_the_run_are_named_by_their_stage_key(tmp_path):
+    from speed.executors.base import ledger_model_id
+
+    (tmp_path / "junior" / "merged").mkdir(parents=True)
+    assert ledger_model_id(tmp_path, tmp_path / "junior" / "merged") == "run:junior/merged"
+    (tmp_path / "junior" / "manifest.json").write_text(json.dumps({"key": "abc123"}))
+    # retrained weights in the same folder get another id, so old answers are never replayed for them
+    assert ledger_model_id(tmp_path, tmp_path / "junior" / "merged") == "run:junior/merged@abc123"
+    assert ledger_model_id(tmp_path, "/elsewhere/model") == "/elsewhere/model"

@@ -22,6 +22,7 @@ Design choices:
 
 from __future__ import annotations
 
+import json
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
@@ -147,13 +148,20 @@ def check_shard_ids(shards: Sequence[Shard]) -> None:
 
 
 def ledger_model_id(run_dir: str | Path, model_path: str | Path | None) -> str | None:
-    """The ledger label of weights: ``run:<relative path>`` inside the run, else the path.
+    """The ledger label of weights: ``run:<relative path>@<key>`` inside the run, else the path.
 
-    Returns None when ``model_path`` is None (the backend's own ``model_id`` is used then).
+    The key is that of the stage that trained the weights (its manifest's), so a retrained model
+    under the same folder is asked anew, never answered from the old weights' calls; the relative
+    path lets a copied run replay on another machine. Returns None when ``model_path`` is None (the
+    backend's own ``model_id`` is used then).
     """
     if model_path is None:
         return None
+    run = Path(run_dir).resolve()
     try:
-        return f"run:{Path(model_path).resolve().relative_to(Path(run_dir).resolve())}"
+        rel = Path(model_path).resolve().relative_to(run)
     except ValueError:
         return str(model_path)
+    manifest = run / rel.parts[0] / "manifest.json"
+    key = json.loads(manifest.read_text(encoding="utf-8")).get("key") if manifest.is_file() else None
+    return f"run:{rel}" + (f"@{key}" if key else "")

@@ -92,12 +92,15 @@ class LedgerServer:
     def record(self, stage: str, role: str, model: str, items: list[tuple[str, Request, Completion]]) -> None:
         self.ledger.record(stage, role, model, items)
 
+    def use(self, stage_key: str, keys: list[str]) -> None:
+        self.ledger.use(stage_key, keys)
+
     def ping(self) -> str:
         return str(self.ledger.path)
 
 
 class RemoteLedger:
-    """The two ledger methods :class:`~speed.ledger.LedgeredBackend` uses, sent to a LedgerServer."""
+    """The ledger methods :class:`~speed.ledger.LedgeredBackend` uses, sent to a LedgerServer."""
 
     def __init__(self, handle: Any):
         self.handle = handle
@@ -110,6 +113,9 @@ class RemoteLedger:
     ) -> None:
         _ray().get(self.handle.record.remote(stage, role, model, list(items)))
 
+    def use(self, stage_key: str, keys: Sequence[str]) -> None:
+        _ray().get(self.handle.use.remote(stage_key, list(keys)))
+
 
 # --------------------------------------------------------------------------------------------
 # the worker side
@@ -121,13 +127,15 @@ class RayEnv(WorkerEnv):
     Args:
         cfg: the run's config (model specs, thread count).
         stage: the stage the calls are recorded under.
+        stage_key: the key of the stage run, which the calls are noted as used by.
         run_dir: the run directory as the driver sees it (for ledger labels of trained weights).
         ledger: handle of the :class:`LedgerServer`.
     """
 
-    def __init__(self, cfg: SpeedConfig, stage: str, run_dir: str, ledger: Any):
+    def __init__(self, cfg: SpeedConfig, stage: str, stage_key: str, run_dir: str, ledger: Any):
         self.cfg = cfg
         self.stage = stage
+        self.stage_key = stage_key
         self.run_dir = run_dir
         self.ledger = RemoteLedger(ledger)
         self._backends: dict[tuple[str, str | None], Any] = {}
@@ -149,6 +157,7 @@ class RayEnv(WorkerEnv):
             self.stage,
             flush_every=spec.batch_size,
             model_id=ledger_model_id(self.run_dir, path) or backend.model_id,
+            stage_key=self.stage_key,
         )
 
     def close(self) -> None:
@@ -283,7 +292,7 @@ class RayExecutor(Executor):
         data_ctx = ray_data.DataContext.get_current()
         data_ctx.enable_progress_bars = sys.stderr.isatty()
         server = self._ledger_server(ray, str(Path(ctx.ledger.path).resolve()))
-        env = RayEnv(ctx.cfg, ctx.name, str(ctx.run_dir), server)
+        env = RayEnv(ctx.cfg, ctx.name, ctx.key, str(ctx.run_dir), server)
         items = [{"shard_id": s.id, "payload": pickle.dumps(s)} for s in shards]
         ds = ray_data.from_items(items, override_num_blocks=len(items))
         ds = ds.map_batches(
