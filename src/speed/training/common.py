@@ -417,6 +417,43 @@ def check_losses(losses: Sequence[float], what: str) -> None:
         )
 
 
+def train_and_save(
+    trainer: Any,
+    recorder: Any,
+    tokenizer: Any,
+    base: str | Path,
+    out_dir: Path,
+    rows: int,
+    device: str,
+    precision: str,
+    what: str,
+) -> TrainResult:
+    """Run a TRL trainer, check its losses, save adapter and merged model, write
+    ``train_result.json``; what SFT and DPO share after building their trainer.
+
+    Raises:
+        RuntimeError: a non-finite loss.
+    """
+    t0 = time.time()
+    trainer.train()
+    seconds = time.time() - t0
+    check_losses(recorder.losses, what)
+    adapter_dir, merged_dir = save_adapter_and_merged(trainer.model, tokenizer, out_dir, saved_dtype(base))
+    result = TrainResult(
+        adapter_dir=adapter_dir,
+        merged_dir=merged_dir,
+        losses=recorder.losses,
+        steps=trainer.state.global_step,
+        rows=rows,
+        seconds=seconds,
+        device=device,
+        precision=precision,
+        metrics=recorder.metrics,
+    )
+    result.save(out_dir / "train_result.json")
+    return result
+
+
 def save_adapter_and_merged(model: Any, tokenizer: Any, out_dir: Path, dtype: Any) -> tuple[Path, Path]:
     """Save the PEFT adapter and the merged model (in ``dtype``), each with the tokenizer.
 

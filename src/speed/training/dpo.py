@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,6 @@ from speed.config import DPOConfig
 from speed.training.common import (
     TrainingInputError,
     TrainResult,
-    check_losses,
     check_rows,
     choose_precision,
     device_name,
@@ -40,9 +38,8 @@ from speed.training.common import (
     lora_config,
     quiet_trainer,
     require_training_stack,
-    save_adapter_and_merged,
-    saved_dtype,
     set_threads,
+    train_and_save,
     trainer_args,
 )
 
@@ -149,24 +146,7 @@ def train_dpo(
         cfg.learning_rate,
         cfg.batch_size,
     )
-    t0 = time.time()
-    trainer.train()
-    seconds = time.time() - t0
-    check_losses(recorder.losses, what)
-    adapter_dir, merged_dir = save_adapter_and_merged(trainer.model, tokenizer, out_dir, saved_dtype(model))
-    result = TrainResult(
-        adapter_dir=adapter_dir,
-        merged_dir=merged_dir,
-        losses=recorder.losses,
-        steps=trainer.state.global_step,
-        rows=len(kept),
-        seconds=seconds,
-        device=device,
-        precision=precision,
-        metrics=recorder.metrics,
-    )
-    result.save(out_dir / "train_result.json")
-    return result
+    return train_and_save(trainer, recorder, tokenizer, model, out_dir, len(kept), device, precision, what)
 
 
 # --------------------------------------------------------------------------------------------

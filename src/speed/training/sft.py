@@ -28,7 +28,6 @@ Example::
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,6 @@ from typing import Any
 from speed.config import SFTConfig
 from speed.training.common import (
     TrainResult,
-    check_losses,
     check_rows,
     choose_precision,
     device_name,
@@ -46,9 +44,8 @@ from speed.training.common import (
     lora_config,
     quiet_trainer,
     require_training_stack,
-    save_adapter_and_merged,
-    saved_dtype,
     set_threads,
+    train_and_save,
     trainer_args,
 )
 
@@ -144,23 +141,6 @@ def train_sft(
         cfg.learning_rate,
         cfg.batch_size,
     )
-    t0 = time.time()
-    trainer.train()
-    seconds = time.time() - t0
-    check_losses(recorder.losses, what)
-    adapter_dir, merged_dir = save_adapter_and_merged(
-        trainer.model, tokenizer, out_dir, saved_dtype(base_model)
+    return train_and_save(
+        trainer, recorder, tokenizer, base_model, out_dir, len(kept), device, precision, what
     )
-    result = TrainResult(
-        adapter_dir=adapter_dir,
-        merged_dir=merged_dir,
-        losses=recorder.losses,
-        steps=trainer.state.global_step,
-        rows=len(kept),
-        seconds=seconds,
-        device=device,
-        precision=precision,
-        metrics=recorder.metrics,
-    )
-    result.save(out_dir / "train_result.json")
-    return result
