@@ -19,7 +19,6 @@ import signal
 import sys
 import threading
 import time
-from typing import Any
 
 
 def _watch_parent(parent_pid: int, interval_s: float = 1.0) -> None:
@@ -32,29 +31,17 @@ def _watch_parent(parent_pid: int, interval_s: float = 1.0) -> None:
             os._exit(1)
 
 
-def _disable_extra_bufts_if_amx() -> None:
-    import llama_cpp
-
-    info = llama_cpp.llama_print_system_info().decode(errors="replace")
-    if "AMX_INT8 = 1" not in info:
-        return
-    original = llama_cpp.llama_model_default_params
-
-    def params() -> Any:
-        p = original()
-        p.use_extra_bufts = False
-        return p
-
-    llama_cpp.llama_model_default_params = params
-
-
 def main(argv: list[str]) -> None:
     if len(argv) < 3 or argv[0] != "--parent-pid" or "--" not in argv:
         raise SystemExit("usage: python -m speed.llm._server_child --parent-pid PID -- <server args>")
     parent = int(argv[1])
     server_args = argv[argv.index("--") + 1 :]
     threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
-    _disable_extra_bufts_if_amx()
+    import llama_cpp
+
+    from speed.llm.llamacpp import without_extra_bufts_on_amx
+
+    without_extra_bufts_on_amx(llama_cpp)
     sys.argv = ["llama_cpp.server", *server_args]
     runpy.run_module("llama_cpp.server", run_name="__main__", alter_sys=True)
 

@@ -29,7 +29,7 @@ import random
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from speed.llm.base import Backend, BackendError, Completion, Request
@@ -69,6 +69,26 @@ def _passive_openmp() -> None:
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
 
+def without_extra_bufts_on_amx(llama_cpp: Any) -> Callable[[], None] | None:
+    """On a llama.cpp built with AMX kernels, make the default model parameters load weights
+    without extra buffer types (the ``Illegal instruction`` crash of MODELS.md).
+
+    Returns the undo, or None where the build has no AMX and nothing was patched.
+    """
+    info = llama_cpp.llama_print_system_info().decode(errors="replace")
+    if "AMX_INT8 = 1" not in info:
+        return None
+    original = llama_cpp.llama_model_default_params
+
+    def patched() -> Any:
+        p = original()
+        p.use_extra_bufts = False
+        return p
+
+    llama_cpp.llama_model_default_params = patched
+    return lambda: setattr(llama_cpp, "llama_model_default_params", original)
+
+
 @contextlib.contextmanager
 def _no_extra_bufts(llama_cpp: Any) -> Iterator[dict[str, Any]]:
     """Keyword arguments (or a temporary patch) that load weights without extra buffer types."""
@@ -76,23 +96,13 @@ def _no_extra_bufts(llama_cpp: Any) -> Iterator[dict[str, Any]]:
     if "use_extra_bufts" in params:
         yield {"use_extra_bufts": False}
         return
-    info = llama_cpp.llama_print_system_info().decode(errors="replace")
-    if "AMX_INT8 = 1" not in info:
-        yield {}
-        return
     with _PATCH_LOCK:
-        original = llama_cpp.llama_model_default_params
-
-        def patched() -> Any:
-            p = original()
-            p.use_extra_bufts = False
-            return p
-
-        llama_cpp.llama_model_default_params = patched
+        undo = without_extra_bufts_on_amx(llama_cpp)
         try:
             yield {}
         finally:
-            llama_cpp.llama_model_default_params = original
+            if undo is not None:
+                undo()
 
 
 class LlamaCppBackend(Backend):
