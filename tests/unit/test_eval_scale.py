@@ -13,53 +13,10 @@ import pytest
 
 from speed.config import EmbedConfig
 from speed.evaluation.scale import fit_log_linear, scale_study
+from tiny import WORDS, make_tiny_bert
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
-WORDS = [
-    "the",
-    "a",
-    "cat",
-    "dog",
-    "bird",
-    "sat",
-    "on",
-    "mat",
-    "tree",
-    "sun",
-    "water",
-    "is",
-    "wet",
-    "fire",
-    "hot",
-    "ice",
-    "cold",
-    "sky",
-    "blue",
-    "grass",
-    "green",
-]
-
-
-def _tiny_bert(folder: Path) -> Path:
-    import torch
-    from transformers import BertConfig, BertModel, BertTokenizer
-
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(set(WORDS)), "instruct", "query", ":"]
-    torch.manual_seed(0)
-    BertModel(
-        BertConfig(
-            vocab_size=len(vocab),
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=64,
-            max_position_embeddings=64,
-        )
-    ).save_pretrained(folder)
-    BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(folder)
-    return folder
 
 
 def _sts_folder(root: Path) -> Path:
@@ -92,7 +49,7 @@ def test_scale_study_writes_fit_and_plot(tmp_path: Path, monkeypatch: pytest.Mon
     import speed.training.contrastive as contrastive
 
     torch.set_num_threads(1)
-    model = _tiny_bert(tmp_path / "bert")
+    model = make_tiny_bert(tmp_path / "bert", WORDS)
     data = _sts_folder(tmp_path / "eval")
     rng = random.Random(0)
     rows = [
