@@ -456,18 +456,20 @@ def serve(
         alias=model if os.sep not in model else Path(model).name,
         log_path=log_path,
     )
-    with server:
-        logger.info(
-            "serving %s at %s (model name '%s'); Ctrl-C stops it", model, server.base_url, server.alias
-        )
-        if ready is not None:
-            ready.set()
-        try:
+    # Ctrl-C may come while the server is still starting (a client can reach it before the
+    # readiness check returns): the with block stops it either way
+    try:
+        with server:
+            logger.info(
+                "serving %s at %s (model name '%s'); Ctrl-C stops it", model, server.base_url, server.alias
+            )
+            if ready is not None:
+                ready.set()
             assert server.process is not None
             code = server.process.wait()
-        except KeyboardInterrupt:
-            logger.info("stopping")
-            return
+    except KeyboardInterrupt:
+        logger.info("stopped")
+        return
     raise BackendError(
         f"the llama.cpp server exited on its own with code {code}; the end of its log "
         f"{server.log_path}:\n{server.log_tail(10)}"
