@@ -104,6 +104,18 @@ class Ledger:
             self._local.conn = conn
         yield conn
 
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction: committed when the block succeeds, rolled back otherwise."""
+        with self._conn() as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)
         if conn is not None:
@@ -186,7 +198,7 @@ class Ledger:
 
     def use(self, stage_key: str, keys: Sequence[str]) -> None:
         """Note that the stage run ``stage_key`` used the calls ``keys``."""
-        with self._conn() as conn:
+        with self._transaction() as conn:
             conn.executemany(
                 "INSERT OR IGNORE INTO uses (stage_key, call_key) VALUES (?, ?)",
                 [(stage_key, k) for k in dict.fromkeys(keys)],
@@ -197,42 +209,36 @@ class Ledger:
     ) -> None:
         """Store answers (or errors) in one transaction."""
         now = time.time()
-        with self._conn() as conn:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                for key, req, comp in items:
-                    conn.execute(
-                        """
-                        INSERT INTO calls (key, stage, role, model, request, response, tokens_in,
-                                           tokens_out, latency_s, attempts, error, created_at, updated_at)
-                        VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-                        ON CONFLICT(key) DO UPDATE SET
-                            stage = excluded.stage, response = excluded.response,
-                            tokens_in = excluded.tokens_in, tokens_out = excluded.tokens_out,
-                            latency_s = calls.latency_s + excluded.latency_s,
-                            attempts = calls.attempts + excluded.attempts,
-                            error = excluded.error, updated_at = excluded.updated_at
-                        """,
-                        (
-                            key,
-                            stage,
-                            role,
-                            model,
-                            json.dumps(req.to_dict(), ensure_ascii=False),
-                            None if comp.error else json.dumps(comp.to_dict(), ensure_ascii=False),
-                            comp.tokens_in,
-                            comp.tokens_out,
-                            comp.latency_s,
-                            comp.attempts,
-                            comp.error,
-                            now,
-                            now,
-                        ),
-                    )
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
+        with self._transaction() as conn:
+            for key, req, comp in items:
+                conn.execute(
+                    """
+                    INSERT INTO calls (key, stage, role, model, request, response, tokens_in,
+                                       tokens_out, latency_s, attempts, error, created_at, updated_at)
+                    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                    ON CONFLICT(key) DO UPDATE SET
+                        stage = excluded.stage, response = excluded.response,
+                        tokens_in = excluded.tokens_in, tokens_out = excluded.tokens_out,
+                        latency_s = calls.latency_s + excluded.latency_s,
+                        attempts = calls.attempts + excluded.attempts,
+                        error = excluded.error, updated_at = excluded.updated_at
+                    """,
+                    (
+                        key,
+                        stage,
+                        role,
+                        model,
+                        json.dumps(req.to_dict(), ensure_ascii=False),
+                        None if comp.error else json.dumps(comp.to_dict(), ensure_ascii=False),
+                        comp.tokens_in,
+                        comp.tokens_out,
+                        comp.latency_s,
+                        comp.attempts,
+                        comp.error,
+                        now,
+                        now,
+                    ),
+                )
 
 
 class LedgeredBackend(Backend):
