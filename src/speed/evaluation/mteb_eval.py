@@ -21,7 +21,7 @@ import time
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from speed.evaluation.registry import INSTRUCTIONS, get_task, resolve_task_names
 from speed.evaluation.results import category_averages, write_results
@@ -71,9 +71,11 @@ def load_embedder(model: str | os.PathLike[str], device: str | None = None, prec
 
 def resolve_precision(precision: str, device: str | None = None) -> str:
     """``fp32`` or ``bf16``: the one asked for, or for ``auto`` what the device runs fast."""
-    from speed.training.common import choose_precision, device_name
+    from speed.training.common import Precision, choose_precision, device_name
 
-    return choose_precision(precision, (device or device_name()).split(":")[0])  # type: ignore[arg-type]
+    if precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"precision must be auto, bf16 or fp32, not {precision!r}")
+    return choose_precision(cast(Precision, precision), (device or device_name()).split(":")[0])
 
 
 def _model_label(model: Any, model_name: str | None) -> str:
