@@ -13,46 +13,9 @@ import pytest
 
 from speed.config import EmbedConfig
 from speed.training.contrastive import EmbedDataError, prepare_rows, train_embedder
-from tiny import WORDS, make_tiny_bert
+from tiny import WORDS, make_tiny_bert, make_tiny_llama
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-
-def make_tiny_llama(folder: Path) -> Path:
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaModel, PreTrainedTokenizerFast
-
-    corpus = [" ".join(WORDS), "Instruct: find what sat\nQuery: where does the cat sit"] * 3
-    tk = Tokenizer(models.BPE(unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.train_from_iterator(
-        corpus,
-        trainers.BpeTrainer(
-            vocab_size=300,
-            special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        ),
-    )
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
-    )
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=3,
-    )
-    LlamaModel(cfg).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
 
 
 def make_rows() -> list[dict]:
@@ -80,7 +43,8 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+    corpus = [" ".join(WORDS), "Instruct: find what sat\nQuery: where does the cat sit"] * 3
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), extra_text=corpus, vocab_size=300)
 
 
 @pytest.fixture(autouse=True)

@@ -18,11 +18,8 @@ peft = pytest.importorskip("peft")
 from speed.config import ModelSpec  # noqa: E402
 from speed.llm import Request, Sampling, load_backend  # noqa: E402
 from speed.llm.hf import HFBackend  # noqa: E402
+from tiny import make_tiny_llama  # noqa: E402
 
-CHATML = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 SENTENCES = [
     "the cat sat on the mat",
     "a query asks for a document about cats",
@@ -30,46 +27,6 @@ SENTENCES = [
     "the positive document is relevant and the hard negative is not",
     "json objects have keys and values",
 ] * 4
-
-
-def _tiny_model(folder: Path) -> Path:
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<unk>", "<pad>", "<|im_start|>", "<|im_end|>"], show_progress=False
-    )
-    tok.train_from_iterator(SENTENCES, trainer)
-    from tokenizers import decoders
-
-    tok.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        unk_token="<unk>",
-        pad_token="<pad>",
-        bos_token="<|im_start|>",
-        eos_token="<|im_end|>",
-    )
-    fast.chat_template = CHATML
-    config = LlamaConfig(
-        vocab_size=len(fast),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        pad_token_id=fast.pad_token_id,
-        eos_token_id=fast.eos_token_id,
-        bos_token_id=fast.bos_token_id,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    model.save_pretrained(folder)
-    fast.save_pretrained(folder)
-    return folder
 
 
 def _adapter(base: Path, folder: Path) -> Path:
@@ -89,7 +46,7 @@ def _adapter(base: Path, folder: Path) -> Path:
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny-llm")
-    base = _tiny_model(root / "base")
+    base = make_tiny_llama(root / "base", extra_text=SENTENCES, vocab_size=300)
     return {"base": base, "adapter": _adapter(base, root / "adapter")}
 
 
