@@ -287,22 +287,8 @@ def main() -> None:
     )
     try:
         wins = [
-            compare(
-                cfg,
-                teacher,
-                prompts,
-                ("senior", texts["senior"]),
-                ("junior", texts["junior"]),
-                not args.one_order,
-            ),
-            compare(
-                cfg,
-                teacher,
-                prompts,
-                ("junior", texts["junior"]),
-                ("base", texts["base"]),
-                not args.one_order,
-            ),
+            compare(cfg, teacher, prompts, (a, texts[a]), (b, texts[b]), not args.one_order)
+            for a, b in (("senior", "junior"), ("junior", "base"))
         ]
     finally:
         teacher.close()

@@ -192,6 +192,9 @@ class BrainstormConfig(Section):
     )
 
 
+#: compute precision: bf16 or fp32, or auto (bf16 where the device has bf16 units)
+Precision = Literal["auto", "bf16", "fp32"]
+
 #: SPEED's mix of task kinds, 7:7:7:2 with matching split into short and long
 PAPER_KIND_MIX: dict[str, float] = {
     "retrieval": 7,
@@ -250,7 +253,7 @@ class LoRATrainingConfig(Section):
         description="Modules that get LoRA adapters (PEFT names; 'all-linear': every linear layer).",
     )
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
-    precision: Literal["auto", "bf16", "fp32"] = Field(
+    precision: Precision = Field(
         "auto", description="auto: bf16 mixed precision where the GPU or CPU has bf16 units, else fp32."
     )
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory (large models).")
@@ -381,7 +384,7 @@ class EvaluateConfig(Section):
         "(set it as embed.use_instructions); the baseline is evaluated without.",
     )
     batch_size: int = Field(64, gt=0)
-    precision: Literal["auto", "bf16", "fp32"] = Field(
+    precision: Precision = Field(
         "fp32",
         description="Weights' dtype while encoding, for the trained model and the baseline alike: "
         "fp32 (scores as published), bf16 (2-3x faster on CPUs with bf16 units; cosine to fp32 above "

@@ -21,7 +21,7 @@ import time
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, cast, get_args
 
 from speed.evaluation.registry import INSTRUCTIONS, get_task, resolve_task_names
 from speed.evaluation.results import category_averages, write_results
@@ -71,10 +71,11 @@ def load_embedder(model: str | os.PathLike[str], device: str | None = None, prec
 
 def resolve_precision(precision: str, device: str | None = None) -> str:
     """``fp32`` or ``bf16``: the one asked for, or for ``auto`` what the device runs fast."""
-    from speed.training.common import Precision, choose_precision, device_name
+    from speed.config import Precision
+    from speed.training.common import choose_precision, device_name
 
-    if precision not in ("auto", "bf16", "fp32"):
-        raise ValueError(f"precision must be auto, bf16 or fp32, not {precision!r}")
+    if precision not in get_args(Precision):
+        raise ValueError(f"precision must be one of {', '.join(get_args(Precision))}, not {precision!r}")
     return choose_precision(cast(Precision, precision), (device or device_name()).split(":")[0])
 
 

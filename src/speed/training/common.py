@@ -28,14 +28,13 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from speed.config import LoRATrainingConfig
+    from speed.config import LoRATrainingConfig, Precision
 
 logger = logging.getLogger(__name__)
 
-Precision = Literal["auto", "bf16", "fp32"]
 
 _INSTALL_HINT = "training needs torch, transformers, peft, trl and datasets: pip install 'speed[train]'"
 
