@@ -11,7 +11,9 @@ Fixtures (all session-scoped, built on first use only, so unit tests never pay f
 - ``llama_server_spec``: keyword arguments of a :class:`speed.config.ModelSpec` for that server (backend
   ``openai``, model name, ``base_url``, one request at a time, few retries).
 
-They skip (with the pip command in the reason) when llama-cpp-python or the model package is missing.
+They skip (with the pip command in the reason) when llama-cpp-python or the model package is missing,
+except under CI (``CI=true``), where `make setup` installed everything: a missing piece there is a
+broken setup and fails the test instead of hiding it as a skip.
 Tests that kill a server must start their own (:class:`speed.llm.server.LlamaCppServer`), never this one.
 """
 
@@ -30,18 +32,30 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 SERVER_MODEL_ENV = "SPEED_TEST_SERVER_MODEL"
 
 
+def _skip_or_fail(reason: str) -> None:
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(f"CI installs everything, yet {reason}")
+    pytest.skip(reason)
+
+
 def _need_packaged(name: str) -> None:
     from speed.models import PACKAGED, is_installed
 
     if not is_installed(name):
-        pytest.skip(f"packaged model {name} is not installed: {PACKAGED[name].install_command}")
+        _skip_or_fail(f"packaged model {name} is not installed: {PACKAGED[name].install_command}")
 
 
 def _need_llama_cpp(server: bool = False) -> None:
     modules = ["llama_cpp"] + (["uvicorn", "fastapi", "sse_starlette"] if server else [])
     missing = [m for m in modules if importlib.util.find_spec(m) is None]
     if missing:
-        pytest.skip(f"{', '.join(missing)} not installed: pip install 'speed[llamacpp]'")
+        _skip_or_fail(f"{', '.join(missing)} not installed: pip install 'speed[llamacpp]'")
+
+
+@pytest.fixture(scope="session")
+def need_llama_cpp() -> None:
+    """llama-cpp-python with its server extra (skips where absent, fails under CI)."""
+    _need_llama_cpp(server=True)
 
 
 @pytest.fixture(scope="session")

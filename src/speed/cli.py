@@ -17,6 +17,7 @@ from typing import Any
 
 from speed.config import ConfigError, SpeedConfig, load_config
 from speed.export import ExportError
+from speed.llm.base import BackendError
 from speed.runner import StageError
 
 logger = logging.getLogger("speed.cli")
@@ -285,6 +286,22 @@ def cmd_scale_study(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from speed.doctor import default_config, diagnose, render
+
+    path = args.config or default_config()
+    cfg = load_config(path, args.override) if path else None
+    print(f"speed doctor: {'config ' + str(path) if path else 'no config (machine and install only)'}")
+    checks = diagnose(cfg, run_llama=not args.no_llama)
+    print(render(checks))
+    failed = [c for c in checks if c.required and not c.ok]
+    if failed:
+        print(f"\n{len(failed)} required check(s) failed: this config cannot run here until fixed.")
+        return 1
+    print("\neverything this config needs is here.")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="speed", description=__doc__.split("\n")[0])
     p.add_argument("--version", action="version", version=f"speed {__import__('speed').__version__}")
@@ -367,6 +384,15 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--file", help="GGUF file inside a folder")
     sv.set_defaults(func=cmd_serve)
 
+    d = sub.add_parser(
+        "doctor",
+        help="what this machine and install have and lack for each role, with fixes (exit 1: cannot run)",
+    )
+    d.add_argument("config", nargs="?", help="config to check (default: configs/quickstart.yaml)")
+    d.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE")
+    d.add_argument("--no-llama", action="store_true", help="skip running llama.cpp on a packaged model")
+    d.set_defaults(func=cmd_doctor)
+
     m = sub.add_parser("models", help="list the models that install from PyPI packages")
     m.set_defaults(func=cmd_models)
 
@@ -390,7 +416,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, StageError, ExportError) as err:
+    except (ConfigError, StageError, ExportError, BackendError) as err:
+        # a dead or crashed model server is the user's to fix, not a bug: words, not a traceback
         print(f"speed: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

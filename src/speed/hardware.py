@@ -344,6 +344,75 @@ def install_llama(python: str, *, force: bool = False, extra_cmake: str = "", lo
     return wheel
 
 
+def llama_lib_dir() -> Path | None:
+    """The folder of the installed llama-cpp-python's shared libraries, found without importing it."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    lib = Path(next(iter(spec.submodule_search_locations))) / "lib"
+    return lib if lib.is_dir() else None
+
+
+def _probe_marker(model: Path) -> Path | None:
+    lib = llama_lib_dir()
+    if lib is None:
+        return None
+    cpu = cpu_info()
+    stamp = [cpu.model, " ".join(sorted(cpu.flags)), str(model.resolve())]
+    for f in sorted(lib.iterdir()):
+        st = f.stat()
+        stamp.append(f"{f.name}:{st.st_size}:{st.st_mtime_ns}")
+    digest = hashlib.sha256("\n".join(stamp).encode()).hexdigest()[:16]
+    return wheel_cache().parent / "probes" / f"llama-{digest}.ok"
+
+
+#: What the probe runs: a prompt long enough for the batched matrix kernels, then two decoded tokens.
+_PROBE = """
+import sys, llama_cpp
+llm = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=256, n_threads=1, n_batch=64, verbose=False)
+llm.create_completion(" ".join(["the quick brown fox jumps over the lazy dog"] * 6), max_tokens=2)
+"""
+
+
+class LlamaCrash(RuntimeError):
+    """llama.cpp died of a signal in the probe process (its message says which and what to do)."""
+
+
+def check_llama_runs(model: str | os.PathLike[str], python: str = sys.executable) -> bool:
+    """Run llama.cpp's kernels once on ``model`` in a child process before this process loads it.
+
+    An ``Illegal instruction`` inside llama.cpp kills the whole Python process with no message, so
+    the in-process backend asks a child first. The answer is remembered per build, CPU and model
+    (``~/.cache/speed/probes``), so the probe costs its 1-3 seconds once per machine.
+
+    Returns:
+        True when llama.cpp ran (now or before); False when the probe failed in an ordinary way (a bad
+        model file: the real load will say why).
+
+    Raises:
+        LlamaCrash: the child died of a signal (SIGILL: the build does not match this CPU).
+    """
+    path = Path(model)
+    marker = _probe_marker(path)
+    if marker is not None and marker.exists():
+        return True
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(
+        [python, "-c", _PROBE, str(path)], capture_output=True, text=True, env=env, timeout=600, check=False
+    )
+    words = describe_signal_death(done.returncode, f"llama.cpp (loading {path.name} in a probe process)")
+    if words:
+        raise LlamaCrash(words)
+    if done.returncode != 0:
+        return False
+    if marker is not None:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(f"{path}\n")
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m speed.hardware", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)

@@ -15,6 +15,10 @@ Design choices:
   speed's own build is compiled without AMX.
 - Sampling follows the request only, as an OpenAI API would: llama.cpp's own extras (top-k 40,
   min-p 0.05) are off unless ``options`` sets ``top_k``, ``min_p`` or ``repeat_penalty``.
+- An ``Illegal instruction`` (a llama.cpp build for another CPU) would end this process without a
+  word, so the model is first run once in a child process (:func:`speed.hardware.check_llama_runs`,
+  remembered per build, CPU and model); a child killed by a signal becomes a :class:`BackendError`
+  that names the signal, the CPU's features and the rebuild command.
 - A prompt longer than the context, or a schema the grammar converter refuses, is a counted drop
   for that request (``Completion.error``), not a crash of the batch.
 """
@@ -32,6 +36,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
+from speed import hardware
 from speed.llm.base import Backend, BackendError, Completion, Request
 from speed.llm.registry import require, spec_options
 from speed.models import resolve_gguf
@@ -169,6 +174,11 @@ class LlamaCppBackend(Backend):
         )
         if adapter:
             kwargs["lora_path"] = adapter
+        try:
+            # an Illegal instruction in llama.cpp would kill this process with no word: ask a child first
+            hardware.check_llama_runs(self.gguf)
+        except hardware.LlamaCrash as err:
+            raise BackendError(str(err)) from None
         logger.info("loading %s with llama.cpp (%d thread(s), n_ctx %d)", self.gguf.name, threads, n_ctx)
         try:
             with _no_extra_bufts(llama_cpp) as extra:

@@ -10,7 +10,8 @@ Design choices:
 - A free port is taken from the OS (bind to port 0); if another process grabs it before the server
   binds, start-up is retried on a new port.
 - Start-up waits until ``GET /v1/models`` answers; a server that exits first raises with the tail of
-  its log. The log goes to a file (``log_path``, default ``$SPEED_CACHE/logs/``), never to our stdout.
+  its log, and one killed by a signal says which (SIGILL: a llama.cpp build for another CPU, with this
+  CPU's features and the rebuild command; :func:`speed.hardware.describe_signal_death`). The log goes to a file (``log_path``, default ``$SPEED_CACHE/logs/``), never to our stdout.
 - The server runs in its own process group and is stopped (SIGTERM to the group, then SIGKILL) by
   :meth:`LlamaCppServer.stop`: on ``close()``, on leaving a ``with`` block (errors and Ctrl-C
   included) and at interpreter exit (``atexit``). If our process is killed outright, a watchdog in
@@ -44,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
+from speed import hardware
 from speed.llm.base import Backend, BackendError, Completion, Request
 from speed.llm.openai_api import OpenAIBackend
 from speed.llm.registry import require_installed, spec_options
@@ -220,10 +222,7 @@ class LlamaCppServer:
                 while True:
                     code = self.process.poll()
                     if code is not None:
-                        raise BackendError(
-                            f"the llama.cpp server for {self.gguf.name} exited with code {code} while "
-                            f"starting; the end of its log {self.log_path}:\n{self.log_tail()}"
-                        )
+                        raise BackendError(f"{self.exit_words('while starting')}; {self.log_words()}")
                     try:
                         if client.get(f"{self.base_url}/models").status_code == 200:
                             logger.info("llama.cpp server ready at %s", self.base_url)
@@ -233,12 +232,28 @@ class LlamaCppServer:
                     if time.monotonic() > deadline:
                         raise BackendError(
                             f"the llama.cpp server for {self.gguf.name} did not answer within "
-                            f"{self.startup_timeout_s:.0f}s; the end of its log {self.log_path}:\n{self.log_tail()}"
+                            f"{self.startup_timeout_s:.0f}s; {self.log_words()}"
                         )
                     time.sleep(0.25)
         except BaseException:
             self.stop()
             raise
+
+    def exit_words(self, when: str = "") -> str:
+        """How the process ended, in words: its exit code, or the signal that killed it and why."""
+        code = self.process.returncode if self.process is not None else None
+        what = f"the llama.cpp server for {self.gguf.name}"
+        words = hardware.describe_signal_death(code, what)
+        if words is None:
+            words = f"{what} exited with code {code}"
+        return f"{words} ({when})" if when else words
+
+    def log_words(self, lines: int = 30) -> str:
+        """The end of the server's log for an error message; says so when the log is empty."""
+        tail = self.log_tail(lines)
+        if not tail.strip():
+            return f"its log {self.log_path} is empty (it died before writing a line)"
+        return f"the end of its log {self.log_path}:\n{tail}"
 
     def is_running(self) -> bool:
         """Whether the server process is alive."""
@@ -408,10 +423,9 @@ class LlamaCppServerBackend(Backend):
             return self.client.generate(requests)
         except BackendError as err:
             if not self.server.is_running():
-                code = self.server.process.returncode if self.server.process else None
                 raise BackendError(
-                    f"{err} The llama.cpp server process has exited (code {code}); the end of its log "
-                    f"{self.server.log_path}:\n{self.server.log_tail(10)}"
+                    f"{err} The server process has ended: {self.server.exit_words()}; "
+                    f"{self.server.log_words(10)}"
                 ) from err
             raise
 
@@ -466,11 +480,9 @@ def serve(
             if ready is not None:
                 ready.set()
             assert server.process is not None
-            code = server.process.wait()
+            server.process.wait()
+            words = f"{server.exit_words('on its own')}; {server.log_words(10)}"
     except KeyboardInterrupt:
         logger.info("stopped")
         return
-    raise BackendError(
-        f"the llama.cpp server exited on its own with code {code}; the end of its log "
-        f"{server.log_path}:\n{server.log_tail(10)}"
-    )
+    raise BackendError(words)
