@@ -113,7 +113,9 @@ def check_cpu() -> list[Check]:
     return checks
 
 
-def check_llama_runs(model: str = "qwen2.5-coder-0.5b-instruct", roles: tuple[str, ...] = ("teacher",)) -> Check:
+def check_llama_runs(
+    model: str = "qwen2.5-coder-0.5b-instruct", roles: tuple[str, ...] = ("teacher",)
+) -> Check:
     """Whether llama.cpp really runs a packaged GGUF here (in a child process: a crash stays there)."""
     from speed.models import ModelNotFoundError, resolve_gguf
 
@@ -197,7 +199,9 @@ def check_torch() -> list[Check]:
     ]
     cuda = torch.cuda.is_available()
     detail = (
-        f"{torch.cuda.device_count()} device(s): {torch.cuda.get_device_name(0)}" if cuda else "no CUDA device"
+        f"{torch.cuda.device_count()} device(s): {torch.cuda.get_device_name(0)}"
+        if cuda
+        else "no CUDA device"
     )
     checks.append(Check("CUDA", cuda, detail, "" if cuda else "GPU runs only: TORCH_SPEC=torch make setup"))
     missing = _missing(TRAINING_MODULES)
@@ -205,7 +209,9 @@ def check_torch() -> list[Check]:
         Check(
             "training stack",
             not missing,
-            "TRL, PEFT, transformers, datasets, sentence-transformers" if not missing else f"missing {missing}",
+            "TRL, PEFT, transformers, datasets, sentence-transformers"
+            if not missing
+            else f"missing {missing}",
             "" if not missing else "pip install 'speed[train]' (or make setup)",
             roles,
             required=True,
@@ -270,11 +276,8 @@ def diagnose(config: SpeedConfig | None, *, run_llama: bool = True) -> list[Chec
     from speed.config import ROLES
 
     checks = check_cpu()
-    llama_roles = [
-        (role, getattr(config.models, role))
-        for role in (ROLES if config is not None else ())
-        if getattr(config.models, role).backend in ("llamacpp", "llamacpp_server")
-    ]
+    specs = [(role, getattr(config.models, role)) for role in ROLES] if config is not None else []
+    llama_roles = [(role, spec) for role, spec in specs if spec.backend in ("llamacpp", "llamacpp_server")]
     if run_llama and (llama_roles or config is None) and not _missing(("llama_cpp",)):
         role, spec = llama_roles[0] if llama_roles else ("teacher", None)
         model = (spec.model if spec is not None else None) or "qwen2.5-coder-0.5b-instruct"

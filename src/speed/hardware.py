@@ -30,7 +30,6 @@ import json
 import os
 import platform
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -103,7 +102,8 @@ class CpuInfo:
 def cpu_info() -> CpuInfo:
     """Read the CPU's model name and feature flags (Linux /proc/cpuinfo, macOS sysctl)."""
     arch = platform.machine()
-    model, flags = platform.processor() or arch, set()
+    model = platform.processor() or arch
+    flags: set[str] = set()
     try:
         text = Path("/proc/cpuinfo").read_text(errors="replace")
     except OSError:
@@ -337,7 +337,11 @@ def install_llama(python: str, *, force: bool = False, extra_cmake: str = "", lo
     done = subprocess.run([*pip, "install", "-q", "--no-deps", "--force-reinstall", str(wheel)], check=False)
     if done.returncode != 0:
         raise SystemExit(f"llama.cpp: installing {wheel} failed")
-    info = json.loads((wheel.parent / "build.json").read_text()) if (wheel.parent / "build.json").exists() else {}
+    info = (
+        json.loads((wheel.parent / "build.json").read_text())
+        if (wheel.parent / "build.json").exists()
+        else {}
+    )
     info.update({"key": key, "wheel": str(wheel), "version": LLAMA_CPP_VERSION})
     (prefix / BUILD_MARKER).write_text(json.dumps(info, indent=2) + "\n")
     log(f"llama.cpp: installed {wheel.name} into {prefix}")

@@ -37,7 +37,9 @@ def test_a_packaged_gguf_generates_in_process(need_llama_cpp: None, smollm2_gguf
     assert comp.error is None and comp.text.strip() and comp.tokens_out > 0
 
 
-def test_a_packaged_gguf_generates_through_the_server(need_llama_cpp: None, smollm2_gguf: Path, tmp_path: Path) -> None:
+def test_a_packaged_gguf_generates_through_the_server(
+    need_llama_cpp: None, smollm2_gguf: Path, tmp_path: Path
+) -> None:
     backend = LlamaCppServerBackend(str(smollm2_gguf), threads=1, n_ctx=512, log_path=tmp_path / "server.log")
     try:
         (comp,) = backend.generate([Request.chat("Name a colour.", sampling=Sampling(max_tokens=8, seed=1))])

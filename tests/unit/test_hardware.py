@@ -55,7 +55,9 @@ def test_native_build_keeps_amx_out_and_the_key_follows_the_build() -> None:
     assert hardware.build_key(cpu, version="0.0.1") != key
 
 
-def test_a_wheel_is_reused_only_from_this_cpus_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_wheel_is_reused_only_from_this_cpus_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("SPEED_WHEEL_CACHE", str(tmp_path))
     name = f"llama_cpp_python-{hardware.LLAMA_CPP_VERSION}-py3-none-linux_x86_64.whl"
     other = tmp_path / "x86_64-avx512-000000000000"
@@ -73,7 +75,9 @@ def test_a_wheel_is_reused_only_from_this_cpus_folder(tmp_path: Path, monkeypatc
     assert (wheel, built) == (mine / name, False)
 
 
-def test_a_probe_killed_by_sigill_becomes_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_probe_killed_by_sigill_becomes_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("SPEED_WHEEL_CACHE", str(tmp_path / "wheels"))
     model = tmp_path / "m.gguf"
     model.write_bytes(b"GGUF")
@@ -86,7 +90,9 @@ def test_a_probe_killed_by_sigill_becomes_a_clear_error(tmp_path: Path, monkeypa
     assert hardware.check_llama_runs(model, python=_script(tmp_path / "py2", "exit 1")) is False
 
 
-def test_the_server_child_killed_by_sigill_names_the_signal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_server_child_killed_by_sigill_names_the_signal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from speed.llm import server as server_mod
 
     # the real start-up path (spawn, poll, error), with a child that dies as a wrong build does
