@@ -330,7 +330,8 @@ class LedgeredBackend(Backend):
                 )
                 recorded.update(j for j, _ in part)
                 self.sent += len(part)
-            on_ready([(i, comp) for j, comp in fresh for i in copies[keys[send[j]]]])
+            if fresh:
+                on_ready([(i, comp) for j, comp in fresh for i in copies[keys[send[j]]]])
 
         if send:
             self.backend.generate_as_ready([requests[i] for i in send], record)
