@@ -63,7 +63,9 @@ class ModelSpec(Section):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="Weights dtype; auto: bf16 where the hardware supports it."
     )
-    batch_size: int = Field(8, gt=0, description="Requests per batch (hf) or per ledger flush.")
+    batch_size: int = Field(
+        8, gt=0, description="Sequences per forward pass (hf); at most this many answers per ledger write."
+    )
     concurrency: int = Field(8, gt=0, description="Requests in flight at once (HTTP backends).")
     requests_per_minute: float | None = Field(None, gt=0, description="Rate limit (HTTP backends).")
     timeout_s: float = Field(300.0, gt=0, description="Timeout of one HTTP request.")

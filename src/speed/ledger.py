@@ -8,8 +8,15 @@ teacher calls and tokens per stage, the paper's headline figure.
 Design choices:
 - SQLite in WAL mode: one file that travels with the run, safe against a SIGKILL mid-write, readable
   by other processes (``speed status``) while a stage writes.
-- Answers are written as soon as a batch returns, before the stage uses them, so a crash loses at
-  most the batch in flight.
+- Dispatch is decoupled from durability. The backend gets every request of a call at once and keeps
+  as many in flight as its engine takes; each answer is written as it arrives
+  (:meth:`~speed.llm.base.Backend.generate_as_ready`), before the stage uses it, so a crash loses
+  only the calls in flight. Answers that arrive together are written in one transaction (group
+  commit: while one write runs, the next answers gather), capped at ``flush_every`` answers, so
+  transactions stay small under load and nothing waits for a timer when answers are sparse. A
+  transaction is all or nothing: a SIGKILL mid-write leaves no half-written row.
+- When the backend fails mid-batch (or on Ctrl-C), the answers received before are recorded before
+  the error propagates: paid calls are never lost.
 - A failed request is recorded with its error but never replayed: a rerun asks again. ``attempts``
   accumulates over reruns.
 - Only the request payload is stored: no endpoint URL, header or API key ever reaches the database.
@@ -31,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from speed.llm.base import Backend, Completion, Request
+from speed.llm.base import Backend, Completion, OnReady, Request, gather
 
 logger = logging.getLogger(__name__)
 
@@ -244,15 +251,21 @@ class Ledger:
 class LedgeredBackend(Backend):
     """A backend whose every call goes through the ledger.
 
-    Requests already answered are replayed; the rest are sent in chunks of ``flush_every`` and
-    recorded as each chunk returns, so a crash loses at most one chunk.
+    Requests already answered are replayed; the rest go to the backend all at once (it keeps as many
+    in flight as its engine takes), and each answer is recorded as it arrives
+    (:meth:`Backend.generate_as_ready`), before the caller sees it. So a crash, even a SIGKILL,
+    loses only the calls still in flight, and a rerun sends only those.
 
     Args:
         backend: the real backend.
         ledger: the run's ledger.
         role: the role this backend plays ("teacher", "junior", ...).
         stage: the stage the calls belong to (for the cost report).
-        flush_every: requests per chunk sent to the backend.
+        flush_every: at most this many answers per ledger transaction. Answers that arrive together
+            are written together, in transactions of at most this size, so that one big group (a
+            vLLM batch) never holds the database's write lock for long while other workers wait.
+            It does not limit how many requests are in flight: that is the backend's business
+            (``concurrency`` for HTTP, the whole batch for vLLM).
         model_id: label of the model for the ledger key; defaults to ``backend.model_id``.
         stage_key: the key of the stage run; every call answered here, sent or replayed, is noted
             as used by it (:meth:`Ledger.usage`).
@@ -281,36 +294,49 @@ class LedgeredBackend(Backend):
         self.replayed = 0
 
     def generate(self, requests: Sequence[Request]) -> list[Completion]:
+        """Answer each request, replayed from the ledger or sent and recorded; in order."""
+        return gather(self, requests)
+
+    def generate_as_ready(self, requests: Sequence[Request], on_ready: OnReady) -> None:
+        """Report replayed answers at once, then each sent answer once it is recorded.
+
+        When the backend fails (or Ctrl-C), the answers it received before are recorded before the
+        error propagates; a rerun replays them and sends only the rest.
+        """
         keys = [r.key(self.role, self.model_id) for r in requests]
         cached = self.ledger.lookup(keys)
-        out: list[Completion | None] = [cached.get(k) for k in keys]
-        self.replayed += sum(c is not None for c in out)
-        todo = [i for i, c in enumerate(out) if c is None]
-        # identical requests in one batch are sent once
-        first: dict[str, int] = {}
-        unique = [i for i in todo if first.setdefault(keys[i], i) == i]
-        for start in range(0, len(unique), self.flush_every):
-            idx = unique[start : start + self.flush_every]
-            comps = self.backend.generate([requests[i] for i in idx])
-            if len(comps) != len(idx):
-                raise RuntimeError(
-                    f"backend {self.backend.name} returned {len(comps)} completions for {len(idx)} requests"
+        replay = [(i, cached[k]) for i, k in enumerate(keys) if k in cached]
+        self.replayed += len(replay)
+        # identical requests in one batch are sent once; their copies get the same answer
+        copies: dict[str, list[int]] = {}
+        for i, k in enumerate(keys):
+            if k not in cached:
+                copies.setdefault(k, []).append(i)
+        send = [idxs[0] for idxs in copies.values()]
+        if replay:
+            on_ready(replay)
+        recorded: set[int] = set()
+
+        def record(ready: list[tuple[int, Completion]]) -> None:
+            # a backend reporting again what a failed write had partly stored must not count twice
+            fresh = [(j, comp) for j, comp in ready if j not in recorded]
+            for start in range(0, len(fresh), self.flush_every):
+                part = fresh[start : start + self.flush_every]
+                self.ledger.record(
+                    self.stage,
+                    self.role,
+                    self.model_id,
+                    [(keys[send[j]], requests[send[j]], comp) for j, comp in part],
                 )
-            self.ledger.record(
-                self.stage,
-                self.role,
-                self.model_id,
-                [(keys[i], requests[i], c) for i, c in zip(idx, comps, strict=True)],
-            )
-            self.sent += len(idx)
-            for i, c in zip(idx, comps, strict=True):
-                out[i] = c
-        for i in todo:
-            if out[i] is None:
-                out[i] = out[first[keys[i]]]
+                recorded.update(j for j, _ in part)
+                self.sent += len(part)
+            if fresh:
+                on_ready([(i, comp) for j, comp in fresh for i in copies[keys[send[j]]]])
+
+        if send:
+            self.backend.generate_as_ready([requests[i] for i in send], record)
         if self.stage_key is not None:
             self.ledger.use(self.stage_key, keys)
-        return [c for c in out if c is not None]
 
     def close(self) -> None:
         self.backend.close()

@@ -5,8 +5,10 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Sequence
 
+import pytest
+
 from speed.ledger import Ledger, LedgeredBackend
-from speed.llm.base import Backend, Completion, Request, Sampling
+from speed.llm.base import Backend, BackendError, Completion, Request, Sampling
 
 
 class CountingBackend(Backend):
@@ -102,3 +104,18 @@ def test_usage_counts_what_a_stage_run_used_sent_or_replayed(tmp_path):
     assert ledger.usage("k2")["teacher"].calls == 3 and ledger.usage("k2")["teacher"].tokens_in == 15
     assert ledger.totals(stage="seed").calls == 5
     assert ledger.usage("never") == {}
+
+
+class ShortBackend(CountingBackend):
+    """Answers one request fewer than asked: a broken backend."""
+
+    def generate(self, requests: Sequence[Request]) -> list[Completion]:
+        return super().generate(requests)[:-1]
+
+
+def test_a_backend_answering_too_few_requests_is_an_error_and_nothing_is_recorded(tmp_path):
+    ledger = Ledger(tmp_path / "l.sqlite")
+    llm = LedgeredBackend(ShortBackend(), ledger, role="teacher", stage="s")
+    with pytest.raises(BackendError, match="returned 1 completions for 2 requests"):
+        llm.generate([Request.chat("a"), Request.chat("b")])
+    assert ledger.totals().calls == 0 and llm.sent == 0

@@ -1,133 +1,31 @@
 """The OpenAI-compatible client against a real HTTP server on 127.0.0.1 that misbehaves on purpose.
 
-The server (http.server in a thread) reads what to do from the user message: ``429:2`` answers 429
-twice and then properly, ``500:1``, ``slow:1`` (sleeps past the client's timeout), ``drop:1`` (closes
-the connection without an answer), ``garbage`` (200 with an HTML body), ``nochoices``, ``always500``.
-Every assertion checks both sides: the client's ``Completion.attempts`` and the server's hit counts.
+The server (:class:`fake_openai.FakeOpenAIServer`, http.server in a thread) reads what to do from the
+user message: ``429:2`` answers 429 twice and then properly, ``500:1``, ``slow:1`` (sleeps past the
+client's timeout), ``drop:1`` (closes the connection without an answer), ``garbage`` (200 with an
+HTML body), ``nochoices``, ``always500``. Every assertion checks both sides: the client's
+``Completion.attempts`` and the server's hit counts.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import threading
-import time
-from collections import Counter
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
 
+from fake_openai import FakeOpenAIServer
 from speed.config import ModelSpec
 from speed.ledger import Ledger, LedgeredBackend
 from speed.llm import BackendError, Request, Sampling, load_backend
 from speed.llm.openai_api import OpenAIBackend, redact_url
 
 
-class _FakeServer:
-    def __init__(self, honour_n: bool = True, slow_s: float = 1.0, json_object_only: bool = False):
-        self.honour_n = honour_n
-        self.json_object_only = json_object_only
-        self.slow_s = slow_s
-        self.hits: Counter[str] = Counter()
-        self.bodies: list[dict[str, Any]] = []
-        self.headers: list[dict[str, str]] = []
-        self.arrivals: list[float] = []
-        self.lock = threading.Lock()
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def do_POST(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                body = json.loads(self.rfile.read(length))
-                prompt = body["messages"][-1]["content"]
-                with server.lock:
-                    server.hits[prompt] += 1
-                    hit = server.hits[prompt]
-                    server.bodies.append(body)
-                    server.headers.append(dict(self.headers))
-                    server.arrivals.append(time.monotonic())
-                fmt = body.get("response_format") or {}
-                if server.json_object_only and fmt.get("type") == "json_schema":
-                    # llama-cpp-python's server: pydantic refuses the type
-                    return self._send(422, b'{"detail": [{"loc": ["body", "response_format", "type"]}]}')
-                kind, _, count = prompt.partition(":")
-                failing = hit <= int(count or 0)
-                if kind == "429" and failing:
-                    return self._send(429, b'{"error": "slow down"}', {"Retry-After": "0"})
-                if kind == "500" and failing:
-                    return self._send(500, b"internal error")
-                if kind == "always500":
-                    return self._send(503, b"unavailable")
-                if kind == "slow" and failing:
-                    time.sleep(server.slow_s)
-                    return self._send(200, json.dumps(self._answer(body, prompt)).encode())
-                if kind == "drop" and failing:
-                    self.close_connection = True
-                    self.connection.shutdown(2)
-                    return None
-                if kind == "garbage":
-                    return self._send(200, b"<html>upstream proxy error</html>")
-                if kind == "nochoices":
-                    return self._send(200, b'{"object": "chat.completion"}')
-                if kind == "badrequest":
-                    return self._send(400, b'{"error": "context too long"}')
-                if kind == "unauthorized":
-                    return self._send(401, b'{"error": "bad key"}')
-                return self._send(200, json.dumps(self._answer(body, prompt)).encode())
-
-            def do_GET(self) -> None:
-                self._send(200, b'{"data": [{"id": "fake"}]}')
-
-            def _answer(self, body: dict[str, Any], prompt: str) -> dict[str, Any]:
-                n = body.get("n", 1) if server.honour_n else 1
-                seed = body.get("seed")
-                choices = [
-                    {
-                        "index": i,
-                        "message": {"role": "assistant", "content": f"answer to {prompt} #{i} seed {seed}"},
-                        "finish_reason": "stop",
-                    }
-                    for i in range(n)
-                ]
-                return {
-                    "choices": choices,
-                    "usage": {"prompt_tokens": 7, "completion_tokens": 5 * n, "total_tokens": 7 + 5 * n},
-                }
-
-            def _send(self, status: int, payload: bytes, headers: dict[str, str] | None = None) -> None:
-                try:
-                    self.send_response(status)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(payload)))
-                    for k, v in (headers or {}).items():
-                        self.send_header(k, v)
-                    self.end_headers()
-                    self.wfile.write(payload)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client gave up (timeout): fine
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.port = self.httpd.server_address[1]
-        self.base_url = f"http://127.0.0.1:{self.port}/v1"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 @pytest.fixture
-def fake() -> Iterator[_FakeServer]:
-    server = _FakeServer()
+def fake() -> Iterator[FakeOpenAIServer]:
+    server = FakeOpenAIServer()
     yield server
     server.close()
 
@@ -140,7 +38,7 @@ def _client(base_url: str, **kw: Any) -> OpenAIBackend:
     return OpenAIBackend("fake-model", **args)
 
 
-def test_retries_drops_and_nothing_lost(fake: _FakeServer) -> None:
+def test_retries_drops_and_nothing_lost(fake: FakeOpenAIServer) -> None:
     prompts = ["ok", "429:2", "500:1", "slow:1", "drop:1", "garbage", "nochoices", "badrequest", "ok2"]
     with _client(fake.base_url) as backend:
         comps = backend.generate([Request.chat(p) for p in prompts])
@@ -160,7 +58,7 @@ def test_retries_drops_and_nothing_lost(fake: _FakeServer) -> None:
         assert by[prompt].texts == [] and fake.hits[prompt] == 1 and by[prompt].attempts == 1
 
 
-def test_dead_endpoint_raises_naming_it(fake: _FakeServer) -> None:
+def test_dead_endpoint_raises_naming_it(fake: FakeOpenAIServer) -> None:
     backend = _client(fake.base_url, max_retries=2)
     with pytest.raises(BackendError) as info:
         backend.generate([Request.chat("always500")])
@@ -170,7 +68,7 @@ def test_dead_endpoint_raises_naming_it(fake: _FakeServer) -> None:
     backend.close()
 
 
-def test_dead_endpoint_in_a_batch_stops_the_others_quickly(fake: _FakeServer) -> None:
+def test_dead_endpoint_in_a_batch_stops_the_others_quickly(fake: FakeOpenAIServer) -> None:
     backend = _client(fake.base_url, max_retries=2, concurrency=2)
     with pytest.raises(BackendError):
         backend.generate([Request.chat("always500")] + [Request.chat(f"500:{i}") for i in range(6, 12)])
@@ -194,14 +92,14 @@ def test_nothing_listening_names_the_endpoint_without_credentials() -> None:
     assert redact_url("https://u:p@host:8443/v1/?k=1") == "https://host:8443/v1"
 
 
-def test_wrong_key_or_model_is_a_backend_error(fake: _FakeServer) -> None:
+def test_wrong_key_or_model_is_a_backend_error(fake: FakeOpenAIServer) -> None:
     with _client(fake.base_url) as backend, pytest.raises(BackendError, match="HTTP 401"):
         backend.generate([Request.chat("unauthorized")])
 
 
 @pytest.mark.parametrize("honour_n", [True, False])
 def test_n_samples_sent_or_looped(honour_n: bool) -> None:
-    server = _FakeServer(honour_n=honour_n)
+    server = FakeOpenAIServer(honour_n=honour_n)
     try:
         with _client(server.base_url) as backend:
             req = Request.chat("ok", sampling=Sampling(n=3, seed=10))
@@ -223,7 +121,7 @@ def test_n_samples_sent_or_looped(honour_n: bool) -> None:
         server.close()
 
 
-def test_schema_modes(fake: _FakeServer) -> None:
+def test_schema_modes(fake: FakeOpenAIServer) -> None:
     schema = {"title": "Example pair", "type": "object", "properties": {"q": {"type": "string"}}}
     with _client(fake.base_url) as backend:
         backend.generate([Request.chat("ok", schema=schema)])
@@ -236,7 +134,7 @@ def test_schema_modes(fake: _FakeServer) -> None:
 
 
 def test_server_without_json_schema_gets_json_object() -> None:
-    server = _FakeServer(json_object_only=True)
+    server = FakeOpenAIServer(json_object_only=True)
     schema = {"type": "object", "properties": {"q": {"type": "string"}}}
     try:
         with _client(server.base_url) as backend:
@@ -252,7 +150,7 @@ def test_server_without_json_schema_gets_json_object() -> None:
         server.close()
 
 
-def test_rate_limit_spaces_request_starts(fake: _FakeServer) -> None:
+def test_rate_limit_spaces_request_starts(fake: FakeOpenAIServer) -> None:
     with _client(fake.base_url, requests_per_minute=1200) as backend:  # one start per 50 ms
         backend.generate([Request.chat(f"ok{i}") for i in range(5)])
     gaps = [b - a for a, b in zip(fake.arrivals, fake.arrivals[1:], strict=False)]
@@ -260,7 +158,7 @@ def test_rate_limit_spaces_request_starts(fake: _FakeServer) -> None:
 
 
 def test_from_spec_reads_key_from_env_and_never_logs_it(
-    fake: _FakeServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tmp_path: Any
+    fake: FakeOpenAIServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tmp_path: Any
 ) -> None:
     monkeypatch.setenv("SPEED_TEST_KEY", "sk-very-secret")
     spec = ModelSpec(
@@ -290,7 +188,7 @@ def test_from_spec_reads_key_from_env_and_never_logs_it(
         load_backend(spec)
 
 
-def test_unknown_option_is_refused_with_the_near_one(fake: _FakeServer) -> None:
+def test_unknown_option_is_refused_with_the_near_one(fake: FakeOpenAIServer) -> None:
     spec = ModelSpec(backend="openai", model="m", base_url=fake.base_url, options={"schema_mod": "none"})
     with pytest.raises(ValueError, match="Did you mean 'schema_mode'"):
         load_backend(spec)

@@ -7,7 +7,15 @@ shipped to Ray workers unchanged.
 
 Design choices:
 - ``generate`` takes a batch and returns one :class:`Completion` per request, in order. Batching is
-  the backend's business (continuous batching in vLLM, concurrency for HTTP, padding for HF).
+  the backend's business (continuous batching in vLLM, concurrency for HTTP, padding for HF): a
+  caller hands over every request it has at once and the backend keeps as many in flight as its
+  engine takes.
+- ``generate_as_ready`` is the same call, but hands answers to a callback as they become ready,
+  in groups of those that are ready together, so that the call ledger can store each answer the
+  moment it arrives instead of when the slowest request of the batch is done. Its default waits for
+  ``generate`` and reports everything at once (right for vLLM, which returns the whole batch
+  together); backends that finish requests one by one (HTTP, llama.cpp, HF batches) override it.
+  A backend that overrides it implements ``generate`` with :func:`gather`.
 - A request that the model answered badly is not an exception: the completion carries ``error`` and
   the stage counts it as a drop. Exceptions are for the backend itself failing (dead endpoint after
   retries, out of memory), and carry the endpoint or model in their message.
@@ -19,7 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -130,8 +138,15 @@ class BackendError(RuntimeError):
     """The backend itself failed (endpoint dead after retries, model missing, out of memory)."""
 
 
+#: receives answers as they become ready: ``[(index in the batch, completion), ...]``
+OnReady = Callable[[list[tuple[int, Completion]]], None]
+
+
 class Backend(ABC):
-    """Runs one model. Subclasses implement :meth:`generate`; :meth:`close` frees resources."""
+    """Runs one model. Subclasses implement :meth:`generate`; :meth:`close` frees resources.
+
+    Backends that finish requests one by one also override :meth:`generate_as_ready`.
+    """
 
     #: short name used in configs ("openai", "llamacpp", "hf", "vllm", ...)
     name: str = "base"
@@ -143,6 +158,30 @@ class Backend(ABC):
     def generate(self, requests: Sequence[Request]) -> list[Completion]:
         """Answer each request; the result has one completion per request, in order."""
 
+    def generate_as_ready(self, requests: Sequence[Request], on_ready: OnReady) -> None:
+        """Answer each request, handing answers to ``on_ready`` as soon as they are ready.
+
+        ``on_ready`` is called on the calling thread (so it may use thread-bound resources such as
+        an SQLite connection) with the ``(index, completion)`` pairs that became ready together;
+        each index is reported exactly once. When the backend fails, every answer it received
+        before the failure has been reported by the time the exception propagates: answers are
+        paid for and must not be lost. The default calls :meth:`generate` and reports all at once.
+
+        Args:
+            requests: the batch, all of it: the backend decides how many are in flight.
+            on_ready: receives ``[(index into requests, completion), ...]``.
+
+        Raises:
+            BackendError: the backend itself failed, or answered a wrong number of requests.
+        """
+        comps = self.generate(requests)
+        if len(comps) != len(requests):
+            raise BackendError(
+                f"backend {self.name} returned {len(comps)} completions for {len(requests)} requests"
+            )
+        if comps:
+            on_ready(list(enumerate(comps)))
+
     def close(self) -> None:  # noqa: B027 - optional hook, most backends hold nothing
         """Free the model or connections. Safe to call twice."""
 
@@ -151,3 +190,26 @@ class Backend(ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def gather(backend: Backend, requests: Sequence[Request]) -> list[Completion]:
+    """``generate`` for a backend that implements :meth:`Backend.generate_as_ready`: all answers, in order.
+
+    Raises:
+        BackendError: the backend reported some index twice, out of range, or not at all.
+    """
+    out: list[Completion | None] = [None] * len(requests)
+
+    def keep(ready: list[tuple[int, Completion]]) -> None:
+        for i, comp in ready:
+            if not 0 <= i < len(out) or out[i] is not None:
+                raise BackendError(
+                    f"backend {backend.name} reported answer {i} of {len(out)} twice or out of range"
+                )
+            out[i] = comp
+
+    backend.generate_as_ready(requests, keep)
+    missing = sum(c is None for c in out)
+    if missing:
+        raise BackendError(f"backend {backend.name} left {missing} of {len(out)} requests unanswered")
+    return [c for c in out if c is not None]

@@ -34,7 +34,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from speed.llm.base import Backend, BackendError, Completion, Request
+from speed.llm.base import Backend, BackendError, Completion, OnReady, Request, gather
 from speed.llm.registry import require, spec_options
 from speed.models import resolve_hf
 
@@ -230,9 +230,12 @@ class HFBackend(Backend):
 
     def generate(self, requests: Sequence[Request]) -> list[Completion]:
         """Answer the requests in batches of ``batch_size`` sequences."""
+        return gather(self, requests)
+
+    def generate_as_ready(self, requests: Sequence[Request], on_ready: OnReady) -> None:
+        """Answer the requests in batches of ``batch_size`` sequences, reporting each batch when done."""
         if self._closed:
             raise BackendError(f"the hf backend for {self.model_id} is closed")
-        out: list[Completion | None] = [None] * len(requests)
         prompts = [self._prompt(r) for r in requests]
         groups: dict[tuple[Any, ...], list[int]] = defaultdict(list)
         for i, r in enumerate(requests):
@@ -245,9 +248,7 @@ class HFBackend(Backend):
             for start in range(0, len(idxs), per):
                 chunk = idxs[start : start + per]
                 comps = self._batch([requests[i] for i in chunk], [prompts[i] for i in chunk])
-                for i, comp in zip(chunk, comps, strict=True):
-                    out[i] = comp
-        return [c for c in out if c is not None]
+                on_ready(list(zip(chunk, comps, strict=True)))
 
     def _prompt(self, req: Request) -> str:
         text: str = self.tokenizer.apply_chat_template(

@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from speed import hardware
-from speed.llm.base import Backend, BackendError, Completion, Request
+from speed.llm.base import Backend, BackendError, Completion, OnReady, Request, gather
 from speed.llm.registry import require, spec_options
 from speed.models import resolve_gguf
 
@@ -207,10 +207,15 @@ class LlamaCppBackend(Backend):
 
     def generate(self, requests: Sequence[Request]) -> list[Completion]:
         """Answer each request in turn."""
+        return gather(self, requests)
+
+    def generate_as_ready(self, requests: Sequence[Request], on_ready: OnReady) -> None:
+        """Answer each request in turn, reporting each as it is done (for the ledger to keep)."""
         if self._closed:
             raise BackendError(f"the llamacpp backend for {self.gguf.name} is closed")
         with self._lock:
-            return [self._one(r) for r in requests]
+            for i, req in enumerate(requests):
+                on_ready([(i, self._one(req))])
 
     def _one(self, req: Request) -> Completion:
         start = time.monotonic()

@@ -7,11 +7,16 @@ Design choices:
 - Plain ``httpx`` rather than the ``openai`` SDK: the SDK retries on its own and hides the raw body,
   and we need both under our control (garbage bodies are counted drops, not crashes).
 - Concurrency is a thread pool of ``concurrency`` workers sharing one connection pool; a shared
-  limiter spaces request starts ``60 / requests_per_minute`` seconds apart.
+  limiter spaces request starts ``60 / requests_per_minute`` seconds apart. A batch is queued whole,
+  so ``concurrency`` requests stay in flight until the queue is empty (no wave waits for its slowest
+  request), and :meth:`OpenAIBackend.generate_as_ready` reports each answer on the calling thread
+  as it arrives, for the ledger to store at once.
 - Retries use tenacity (exponential backoff with jitter, honouring ``Retry-After``) on 429, 5xx,
   timeouts and dropped connections. When retries run out the endpoint is taken as dead: the call
   raises :class:`~speed.llm.base.BackendError` naming the endpoint (without credentials) and the last
-  error, and the other requests of the batch stop retrying at once.
+  error, and the other requests of the batch stop retrying at once. Answers that arrived before (or
+  that were already in flight and still arrive) are reported first: they are paid for. On Ctrl-C,
+  nothing more is sent and the answers already received are reported before the interrupt goes on.
 - A 200 answer that is not JSON, or has no usable ``choices``, becomes a completion with ``error``
   (a counted drop, retried on the next run because the ledger never replays errors). A 400/413/422
   rejects one request: also a drop. 401/403/404 mean a wrong key, URL or model name for every
@@ -34,14 +39,14 @@ import re
 import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import tenacity
 
-from speed.llm.base import Backend, BackendError, Completion, Request
+from speed.llm.base import Backend, BackendError, Completion, OnReady, Request, gather
 from speed.llm.registry import spec_options
 
 if TYPE_CHECKING:
@@ -230,36 +235,82 @@ class OpenAIBackend(Backend):
 
     def generate(self, requests: Sequence[Request]) -> list[Completion]:
         """Answer each request; raises :class:`BackendError` when the endpoint is dead."""
+        return gather(self, requests)
+
+    def generate_as_ready(self, requests: Sequence[Request], on_ready: OnReady) -> None:
+        """Send every request, ``concurrency`` at a time, reporting each answer as it arrives.
+
+        Raises:
+            BackendError: the endpoint is dead (after the answers received before are reported).
+        """
         if self._closed:
             raise BackendError(f"backend for {self.endpoint} is closed")
         if not requests:
-            return []
+            return
         abort = threading.Event()
         if len(requests) == 1 or self.concurrency == 1:
-            return [self._one(r, abort) for r in requests]
+            for i, req in enumerate(requests):
+                on_ready([(i, self._one(req, abort))])
+            return
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="speed-http")
-        futures: list[Future[Completion]] = [self._pool.submit(self._one, r, abort) for r in requests]
+        # every request is queued at once: the pool keeps `concurrency` in flight, and a slow
+        # request holds up only its own worker, never the next ones
+        index: dict[Future[Completion], int] = {
+            self._pool.submit(self._one, req, abort): i for i, req in enumerate(requests)
+        }
+        pending = set(index)
+        reported: set[int] = set()
         failure: BaseException | None = None
         try:
-            for fut in as_completed(futures):
-                if fut.cancelled():
-                    continue
-                err = fut.exception()
-                if err is not None and not isinstance(err, _Aborted) and failure is None:
-                    # the first real failure wins; the other requests stop retrying and echo it
-                    failure = err
-                    abort.set()
-                    for other in futures:
-                        other.cancel()
-        except BaseException:  # Ctrl-C while waiting: queued requests are dropped, none retried
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                ready: list[tuple[int, Completion]] = []
+                for fut in done:
+                    if fut.cancelled():
+                        continue
+                    err = fut.exception()
+                    if err is None:
+                        ready.append((index[fut], fut.result()))
+                    elif not isinstance(err, _Aborted) and failure is None:
+                        # the first real failure wins; queued requests are dropped, those in flight
+                        # stop retrying, and answers still arriving are reported below
+                        failure = err
+                        abort.set()
+                        for other in pending:
+                            other.cancel()
+                if ready:
+                    ready.sort(key=lambda pair: pair[0])
+                    on_ready(ready)
+                    reported.update(i for i, _ in ready)
+        except BaseException:
+            # Ctrl-C while waiting, or on_ready failing: nothing more is sent, and answers already
+            # here are still reported (they are paid for) before the error goes on
             abort.set()
-            for fut in futures:
+            for fut in index:
                 fut.cancel()
+            self._report_received(index, reported, on_ready)
             raise
         if failure is not None:
             raise failure
-        return [fut.result() for fut in futures]
+
+    def _report_received(
+        self, index: dict[Future[Completion], int], reported: set[int], on_ready: OnReady
+    ) -> None:
+        """Report the answers that arrived but were not reported yet, when a batch is cut short."""
+        late = [
+            (i, fut.result())
+            for fut, i in index.items()
+            if i not in reported and fut.done() and not fut.cancelled() and fut.exception() is None
+        ]
+        late.sort(key=lambda pair: pair[0])
+        if not late:
+            return
+        try:
+            on_ready(late)
+        except Exception:
+            # the error that cut the batch short matters more; say what could not be kept
+            logger.exception("%s: %d answer(s) received could not be reported", self.endpoint, len(late))
 
     def close(self) -> None:
         """Close connections and worker threads. Safe to call twice."""

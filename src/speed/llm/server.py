@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from speed import hardware
-from speed.llm.base import Backend, BackendError, Completion, Request
+from speed.llm.base import Backend, BackendError, Completion, OnReady, Request, gather
 from speed.llm.openai_api import OpenAIBackend
 from speed.llm.registry import require_installed, spec_options
 from speed.models import cache_dir, resolve_gguf
@@ -419,8 +419,12 @@ class LlamaCppServerBackend(Backend):
 
     def generate(self, requests: Sequence[Request]) -> list[Completion]:
         """Answer each request through the server; raises :class:`BackendError` if it died."""
+        return gather(self, requests)
+
+    def generate_as_ready(self, requests: Sequence[Request], on_ready: OnReady) -> None:
+        """Answer each request through the server, reporting each answer as it arrives."""
         try:
-            return self.client.generate(requests)
+            self.client.generate_as_ready(requests, on_ready)
         except BackendError as err:
             if not self.server.is_running():
                 raise BackendError(

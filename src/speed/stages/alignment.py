@@ -11,8 +11,10 @@ Design choices:
   candidates and revisions draw different prompts from the same distribution; prompts already used
   upstream are skipped, so the junior and senior are judged and revised on prompts they were not
   trained on.
-- Every LLM call goes through ``ctx.llm`` (the ledger), in chunks, with a per-request seed from
-  ``ctx.seed_for``: a rerun replays, a crash resumes after the last finished chunk.
+- Every LLM call goes through ``ctx.llm`` (the ledger), with a per-request seed from
+  ``ctx.seed_for``. A stage hands all its requests to the backend at once (:func:`generate_all`),
+  which keeps as many in flight as its engine takes; the ledger stores each answer as it arrives, so
+  a rerun replays what was answered and a crash resumes with only the calls that were in flight.
 - The raw output is kept next to what was parsed from it, and every drop is counted by reason in a
   :class:`~speed.data.filters.DropCounter`; dropped rows are written to ``dropped.jsonl``.
 - A stage key must change when anything that shapes its output changes. Besides its own section,
@@ -23,10 +25,12 @@ Design choices:
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import random
 import re
+import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -41,6 +45,9 @@ if TYPE_CHECKING:
     from speed.tasks.base import Example, TaskKind
 
 logger = logging.getLogger(__name__)
+
+#: seconds between progress lines in the log while a stage's requests are answered
+_LOG_EVERY_S = 10.0
 
 
 def kind_templates(kinds: Iterable[str], *, brainstorm: bool = False, generate: bool = False) -> list[str]:
@@ -219,22 +226,48 @@ def chat(prompt: str, sampling_: Sampling, schema: dict[str, Any] | None = None)
 def generate_all(
     ctx: StageContext, llm: Any, requests: Sequence[Request], desc: str, chunk: int | None = None
 ) -> list[Completion]:
-    """Answer ``requests`` through the ledgered backend in chunks, logging progress.
+    """Answer ``requests`` through the ledgered backend, all sent at once, logging progress.
 
     Args:
         ctx: the stage context (progress bar).
         llm: a backend from ``ctx.llm`` (so that every call is ledgered).
         requests: the requests, in order.
         desc: what is generated, for the log.
-        chunk: requests per ``generate`` call (default: the backend's flush size).
+        chunk: requests per ``generate`` call; default all of them, so that the backend keeps as
+            many in flight as it can (answers are ledgered one by one either way).
     """
-    size = chunk or max(1, getattr(llm, "flush_every", 8))
-    out: list[Completion] = []
-    chunks = [requests[i : i + size] for i in range(0, len(requests), size)]
-    for part in ctx.progress(chunks, total=len(chunks), desc=desc):
-        out.extend(llm.generate(part))
-        logger.info("%s: %s %d/%d", ctx.name, desc, len(out), len(requests))
-    return out
+    size = chunk or max(1, len(requests))
+    out: list[Completion | None] = [None] * len(requests)
+    # ctx.progress wraps an iterable; stepping an endless one by hand moves the bar one answer on
+    bar = ctx.progress(itertools.repeat(None), total=len(requests), desc=desc)
+    done = 0
+    last_log = time.monotonic()
+
+    def keep(offset: int, ready: list[tuple[int, Completion]]) -> None:
+        nonlocal done, last_log
+        for i, comp in ready:
+            out[offset + i] = comp
+            next(bar)
+        done += len(ready)
+        if done == len(requests) or time.monotonic() - last_log >= _LOG_EVERY_S:
+            last_log = time.monotonic()
+            logger.info("%s: %s %d/%d", ctx.name, desc, done, len(requests))
+
+    try:
+        for start in range(0, len(requests), size):
+            part = requests[start : start + size]
+            if hasattr(llm, "generate_as_ready"):
+                llm.generate_as_ready(part, lambda ready, start=start: keep(start, ready))
+            else:  # a plain backend (tests, a stage's own): answers come with the whole call
+                keep(start, list(enumerate(llm.generate(part))))
+    finally:
+        close = getattr(bar, "close", None)  # a generator: closing it closes the bar
+        if close is not None:
+            close()
+    missing = sum(c is None for c in out)
+    if missing:
+        raise StageError(f"{ctx.name}: {missing} of {len(requests)} {desc} got no answer from the backend")
+    return [c for c in out if c is not None]
 
 
 def free_local_models(
