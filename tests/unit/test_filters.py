@@ -18,6 +18,7 @@ from speed.data.filters import (
     default_filters,
     first_failure,
     language_code,
+    placeholder_in,
     positive_equals_negative,
     query_equals_positive,
     similarity,
@@ -199,3 +200,37 @@ def test_drop_counter_merges_and_logs(caplog):
     with caplog.at_level(logging.INFO, logger="speed.data.filters"):
         a.log_summary()
     assert "kept 4 of 8" in caplog.text and "no_json 3" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("user_query", "Find the region the city of [topic], from [topic]."),
+        ("user_query", "What does {query} mean for my garden?"),
+        ("positive_document", "Dear [Your Name], thank you for writing to us about the delay."),
+        ("positive_document", "A long answer about <insert topic here> that goes on."),
+    ],
+)
+def test_placeholder_text_drops_unfilled_slots_in_running_text(field, value):
+    detail = check(PlaceholderText(), GOOD | {field: value})
+    assert detail is not None and field in detail
+
+
+def test_placeholder_text_drops_text_about_a_field():
+    fields = {"S1": "The cat sat on the mat.", "S2": "A sentence on S1 with other words.", "S3": "Dogs bark."}
+    assert "'S2'" in check(PlaceholderText(), fields, get_kind("sts"), {})
+
+
+def test_placeholder_text_keeps_brackets_that_are_content():
+    for text in (
+        "Results were significant [12].",
+        "The set {1, 2, 3} is finite.",
+        "Use a[i] in C.",
+        "print(f'{name}')",
+    ):
+        assert placeholder_in(text, ["user_query"]) is None
+
+
+def test_brainstorm_drops_tasks_with_unfilled_slots():
+    assert placeholder_in("Find the region the city of [topic], from [topic].") == "[topic]"
+    assert placeholder_in("Retrieve recipes that fit a given diet.") is None

@@ -160,6 +160,11 @@ def test_sample_and_verdicts_in_page(full_run: Path) -> None:
     assert page.count('<pre class="text chosen">') == 7
     assert "follows the length guideline" in page
     assert page.count('data-changed="yes"') == CHANGED
+    # the senior's and the revisor's texts side by side, from the stage's own columns
+    assert page.count("draft p") >= FINAL - 1  # every senior output but the one with markup
+    assert re.search(r'<pre class="text changed">[^<]*q 2 about retrieval', page)
+    assert "not revised" in page
+    assert '<pre class="text">""</pre>' not in page and '<pre class="text changed">true</pre>' not in page
 
 
 def test_sample_is_capped_per_kind(tmp_path: Path) -> None:
@@ -219,8 +224,9 @@ def test_broken_files_give_warnings_not_errors(tmp_path: Path) -> None:
     run = make_fake_run(tmp_path / "run")
     (run / "seed" / "manifest.json").write_text("{not json", encoding="utf-8")
     (run / "evaluate" / "results.json").write_text("[1, 2", encoding="utf-8")
-    with open(run / "synthesize" / "data.jsonl", "a", encoding="utf-8") as fh:
-        fh.write("{broken line\n")
+    # a half-written second part beside the good one
+    good = run / "synthesize" / "data" / "part-00000.parquet"
+    (good.parent / "part-00001.parquet").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     (run / "ledger.sqlite").write_bytes(b"this is not an SQLite database" * 100)
     for wal in run.glob("ledger.sqlite-*"):
         wal.unlink()
@@ -234,7 +240,7 @@ def test_broken_files_give_warnings_not_errors(tmp_path: Path) -> None:
     text = "\n".join(s["warnings"])
     assert "seed/manifest.json" in text
     assert "results.json" in text
-    assert "1 malformed lines skipped" in text
+    assert "part-00001.parquet is unreadable" in text
     assert "ledger" in text
     assert "Warnings" in (run / "report.html").read_text(encoding="utf-8")
 

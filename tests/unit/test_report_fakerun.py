@@ -8,6 +8,7 @@ shape and a scaling plot. Its figures are known, so tests can check the report's
 
 from __future__ import annotations
 
+import json
 import struct
 import zlib
 from pathlib import Path
@@ -48,7 +49,7 @@ DURATIONS = {
 }
 KINDS = {"retrieval": 5, "classification": 4, "sts": 3}
 FINAL = sum(KINDS.values())
-#: examples whose revision changed the senior's output (every even one; see synth_rows)
+#: examples whose revision changed the senior's output (the revised ones but one; see synth_records)
 CHANGED = 7
 DROPS = {"parse_error": 2, "duplicate": 1}
 SCORES = {
@@ -97,31 +98,58 @@ def fill_ledger(ledger: Ledger) -> None:
         ledger.record(stage, role, "m", items)
 
 
-def synth_rows() -> list[dict[str, Any]]:
-    rows = []
+#: An example of each kind in the fields its schema has.
+EXAMPLES: dict[str, dict[str, str]] = {
+    "retrieval": {"user_query": "q", "positive_document": "p", "hard_negative_document": "n"},
+    "classification": {"input_text": "q", "label": "p", "misleading_label": "n"},
+    "sts": {"S1": "q", "S2": "p", "S3": "n"},
+}
+
+
+def synth_records() -> list[dict[str, Any]]:
+    """Shard records as the synthesize workers write them (senior's text, revisor's text, used or not).
+
+    Of each kind, even-numbered examples were revised (the revisor's version used); the STS example 1
+    was revised into the same data with other formatting (not a change), and the retrieval example 0
+    carries model text with markup.
+    """
+    records = []
     for kind, n in KINDS.items():
         for i in range(n):
-            example = {"user_query": f"query {i} about {kind}", "positive_document": f"document {i}"}
-            raw = '{"user_query": "q", "positive_document": "draft"}'
-            revised: Any = example if i % 2 == 0 else None
-            if kind == "sts" and i == 1:  # the same data as the senior's, formatted otherwise: unchanged
-                revised = '{"user_query":"q",  "positive_document":"draft"}'
+            example = {k: f"{v} {i} about {kind}" for k, v in EXAMPLES[kind].items()}
+            raw = json.dumps({k: f"draft {v}" for k, v in EXAMPLES[kind].items()})
+            revisor: str | None = json.dumps(example) if i % 2 == 0 else None
+            if kind == "sts" and i == 1:
+                draft = json.loads(raw)
+                example, revisor = draft, json.dumps(draft, indent=1)
             if kind == "retrieval" and i == 0:
                 raw = f'Here is the JSON: {{"user_query": "{XSS}", "positive_document": "d"}}'
-                example = {"user_query": XSS, "positive_document": "a document & more"}
-                revised = example
-            rows.append(
+                example = {**example, "user_query": XSS, "positive_document": "a document & more"}
+                revisor = json.dumps(example)
+            records.append(
                 {
+                    "index": i,
                     "kind": kind,
                     "task": f"Retrieve {kind} documents for question {i}.",
                     "prompt": f"Write one {kind} example as JSON.",
                     "attributes": {"query_length": "less than 5 words"},
-                    "raw": raw,
-                    "revised": revised,
+                    "raw_output": raw,
+                    "revisor_output": revisor,
+                    "revised": revisor is not None,
                     "example": example,
                 }
             )
-    return rows
+    return records
+
+
+def write_synthesize(folder: Path) -> int:
+    """The synthesize stage's data folder, written by the stage's own writer; returns the row count."""
+    from speed.stages.synthesize import training_rows, write_part
+
+    rows = [row for rec in synth_records() for row in training_rows("00000", rec, rec["example"])]
+    (folder / "data").mkdir(parents=True, exist_ok=True)
+    write_part(folder / "data", "00000", rows)
+    return len(rows)
 
 
 def judge_rows() -> list[dict[str, Any]]:
@@ -189,9 +217,8 @@ def make_fake_run(run: Path, stages: tuple[str, ...] | None = None) -> Path:
                 continue
             stats: dict[str, Any] = {"count": 3}
             if name == "synthesize":
-                rows = synth_rows()
-                write_jsonl(run / name / "data.jsonl", rows)
-                stats = {"count": len(rows), "drops": dict(DROPS), "shards": 1}
+                count = write_synthesize(run / name)
+                stats = {"count": count, "drops": dict(DROPS), "shards": 1}
             elif name == "judge":
                 rows = judge_rows()
                 write_jsonl(run / name / "data.jsonl", rows)

@@ -152,19 +152,59 @@ _PLACEHOLDERS = re.compile(
     re.IGNORECASE,
 )
 
+#: a template slot left unfilled inside running text: "the city of [topic]", "{query}", "<your name>"
+_SLOT_WORDS = (
+    r"topic|subject|query|question|task|text|document|passage|sentence|paragraph|label|category|"
+    r"name|city|country|place|location|language|input|output|keyword|product|company|person|user|"
+    r"date|year|number|example|placeholder|field|value|answer|s[123]"
+)
+# braces also hold code ("f'{name}'"): only the slots of speed's own prompts count there
+_BRACE_WORDS = r"topic|subject|query|task|document|passage|sentence|label|category|keyword|placeholder|s[123]"
+_EMBEDDED_SLOT = re.compile(
+    rf"\[\s*(?:insert\b[^\]]*|your\s[^\]]*|(?:the\s|a\s)?(?:{_SLOT_WORDS})(?:[ _-]?\d)?)\s*\]"
+    rf"|\{{\s*(?:{_BRACE_WORDS})(?:[ _-]?\d)?\s*\}}"
+    rf"|<\s*(?:your\s[^<>]*|insert\b[^<>]*)>",
+    re.IGNORECASE,
+)
+
+
+def placeholder_in(text: str, field_names: Collection[str] = ()) -> str | None:
+    """The placeholder a text holds instead of content, or None.
+
+    Catches whole-value placeholders ("string", "...", "<query>"), template slots left unfilled in
+    running text ("Find the region the city of [topic].", "{query}", "[Your Name]"), and, when
+    ``field_names`` is given, a text that is a field name (``"S2": "S1"``) or talks about one ("a
+    paraphrase of S1"): the schema echoed back, not an example.
+    """
+    stripped = text.strip()
+    if not stripped:
+        return None
+    found = _PLACEHOLDERS.search(stripped) or _EMBEDDED_SLOT.search(stripped)
+    if found:
+        return found.group(0) or stripped[:40]
+    names = {n.casefold() for n in field_names}
+    if stripped.casefold() in names:
+        return stripped
+    for name in field_names:
+        if re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", stripped):
+            return name
+    return None
+
 
 class PlaceholderText(Filter):
-    """A field holds a placeholder ("string", "...", "<query>", "[insert text]") or a field name
-    (``"S2": "S1"``) instead of content."""
+    """A field holds a placeholder ("string", "...", "<query>", "[insert text]"), an unfilled template
+    slot in running text ("the city of [topic]", "{query}"), or a field name (``"S2": "S1"``, "a
+    sentence on S1") instead of content."""
 
     name = "placeholder_text"
 
     def check(self, fields: Fields, kind: TaskKind, attributes: Mapping[str, Any]) -> str | None:
-        names = {f.casefold() for f in kind.fields()}
-        for field in kind.fields():
-            text = _text(fields, field).strip()
-            if text and (_PLACEHOLDERS.search(text) or text.casefold() in names):
-                return f"field '{field}' is a placeholder: {text[:40]!r}"
+        names = list(kind.fields())
+        for field in names:
+            text = _text(fields, field)
+            found = placeholder_in(text, names)
+            if found is not None:
+                return f"field '{field}' is a placeholder ({found!r}): {text.strip()[:40]!r}"
         return None
 
 

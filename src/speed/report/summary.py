@@ -279,11 +279,14 @@ def _canonical(value: Any) -> Any:
 
 
 def revision_changed(row: Mapping[str, Any]) -> bool:
-    """Whether the revisor's output differs (as data, not as formatting) from the senior's."""
-    revised = row.get("revised")
-    if revised in (None, ""):
+    """Whether the revisor's version was used and differs (as data, not formatting) from the senior's.
+
+    Reads the synthesize stage's columns: ``raw_output`` (the senior's text), ``revisor_output``
+    (the revisor's text) and ``revised`` (whether the revisor's version became the example).
+    """
+    if not row.get("revised") or row.get("revisor_output") in (None, ""):
         return False
-    return bool(_canonical(revised) != _canonical(row.get("raw")))
+    return bool(_canonical(row.get("revisor_output")) != _canonical(row.get("raw_output")))
 
 
 def _drop_reason(row: Mapping[str, Any]) -> str | None:

@@ -119,7 +119,7 @@ class Brainstorm(Stage):
         return domain_topics(tcfg.domain, subtopics)
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
-        from speed.data.filters import DropCounter
+        from speed.data.filters import DropCounter, placeholder_in
         from speed.tasks import get_kind
         from speed.tasks.topics import sample_topics
 
@@ -166,6 +166,11 @@ class Brainstorm(Stage):
                     continue
                 fresh = []
                 for task in parsed.value.tasks:
+                    slot = placeholder_in(task)
+                    if slot is not None:
+                        # "Find the region the city of [topic]" would reach every prompt built on it
+                        counter.drop("placeholder_task", f"{slot!r} in {task[:60]!r}")
+                        continue
                     key = task_key(task)
                     if key in seen:
                         counter.drop("duplicate_task", task)

@@ -84,6 +84,46 @@ COLUMNS: dict[str, str] = {
 }
 
 
+def training_rows(shard: str, record: dict[str, Any], example: dict[str, Any]) -> list[dict[str, Any]]:
+    """The output rows of one kept example: its training rows, each with the example's provenance.
+
+    ``record`` is a shard record (``index``, ``kind``, ``task``, ``attributes``, ``prompt``,
+    ``raw_output``, ``revisor_output``, ``revised``); the report reads the same columns.
+    """
+    from speed.tasks import get_kind
+
+    kind = get_kind(record["kind"])
+    provenance = {
+        "id": f"{shard}-{record['index']}",
+        "shard": shard,
+        "kind": record["kind"],
+        "task": record["task"],
+        "attributes": json.dumps(record["attributes"], ensure_ascii=False),
+        "prompt": record["prompt"],
+        "raw_output": record["raw_output"],
+        "revisor_output": record["revisor_output"],
+        "revised": bool(record["revised"]),
+        "example": json.dumps(example, ensure_ascii=False),
+    }
+    return [
+        {**provenance, **row, "query_text": str(example[kind.query_field])}
+        for row in kind.to_rows(record["task"], example)
+    ]
+
+
+def write_part(folder: Path, shard: str, rows: list[dict[str, Any]]) -> Path:
+    """Write one shard's rows as ``part-SHARD.parquet`` in the stage's columns (atomically)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema([(name, getattr(pa, kind)()) for name, kind in COLUMNS.items()])
+    table = pa.Table.from_pylist([{c: r.get(c) for c in COLUMNS} for r in rows], schema=schema)
+    path = folder / f"part-{shard}.parquet"
+    with atomic_write(path, "wb") as fh:
+        pq.write_table(table, fh)
+    return path
+
+
 # --------------------------------------------------------------------------------------------
 # the plan
 
@@ -454,12 +494,8 @@ class Synthesize(Stage):
 
     def finish(self, ctx: StageContext, ids: Sequence[str]) -> dict[str, Any]:
         """Decontaminate and deduplicate across all shards (in order), write the training rows."""
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
         from speed.data.dedup import MinHashDeduplicator, example_text
         from speed.data.filters import DropCounter
-        from speed.tasks import get_kind
 
         scfg = ctx.cfg.synthesize
         folder = ctx.out / "shards"
@@ -471,7 +507,6 @@ class Synthesize(Stage):
         decontam = self.decontaminator(ctx)
         dedup = MinHashDeduplicator(threshold=scfg.dedup_threshold, seed=ctx.cfg.run.seed)
         counter = DropCounter("synthesize")
-        schema = pa.schema([(name, getattr(pa, kind)()) for name, kind in COLUMNS.items()])
         per_kind: Counter[str] = Counter()
         revised = unparsed = tokens = rows_total = 0
         contaminated: Counter[str] = Counter()
@@ -496,27 +531,11 @@ class Synthesize(Stage):
                     counter.drop(dup)
                     continue
                 counter.keep()
-                kind = get_kind(rec["kind"])
                 per_kind[rec["kind"]] += 1
                 revised += bool(rec["revised"])
-                provenance = {
-                    "id": f"{sid}-{rec['index']}",
-                    "shard": sid,
-                    "kind": rec["kind"],
-                    "task": rec["task"],
-                    "attributes": json.dumps(rec["attributes"], ensure_ascii=False),
-                    "prompt": rec["prompt"],
-                    "raw_output": rec["raw_output"],
-                    "revisor_output": rec["revisor_output"],
-                    "revised": bool(rec["revised"]),
-                    "example": json.dumps(example, ensure_ascii=False),
-                }
-                for row in kind.to_rows(rec["task"], example):
-                    rows.append({**provenance, **row, "query_text": str(example[kind.query_field])})
+                rows += training_rows(sid, rec, example)
             if rows:
-                table = pa.Table.from_pylist([{c: r.get(c) for c in COLUMNS} for r in rows], schema=schema)
-                with atomic_write(data / f"part-{sid}.parquet", "wb") as fh:
-                    pq.write_table(table, fh)
+                write_part(data, sid, rows)
                 rows_total += len(rows)
         counter.log_summary()
         if counter.kept == 0:
