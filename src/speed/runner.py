@@ -15,7 +15,8 @@ Resume inside a stage has two layers:
 - every LLM call goes through the ledger, so finished calls are replayed, not sent again.
 
 Runtime knobs of a model spec (threads, concurrency, rate limits, timeouts, batch size, endpoint
-URL) are left out of keys: they change how fast a stage runs, not what it writes.
+URL: ``ModelSpec.runtime_fields``) are left out of keys: they change how fast a stage runs, not what
+it writes.
 """
 
 from __future__ import annotations
@@ -46,11 +47,6 @@ from speed.llm.base import Backend
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-#: ModelSpec fields that change speed, not output; kept out of stage keys
-RUNTIME_FIELDS = frozenset(
-    {"threads", "concurrency", "requests_per_minute", "timeout_s", "max_retries", "batch_size", "base_url"}
-)
 
 MANIFEST = "manifest.json"
 
@@ -169,8 +165,8 @@ def _hash(payload: Any) -> str:
 
 
 def spec_identity(spec: ModelSpec) -> dict[str, Any]:
-    """The parts of a model spec that determine outputs."""
-    return {k: v for k, v in spec.model_dump(mode="json").items() if k not in RUNTIME_FIELDS}
+    """The parts of a model spec that determine outputs (:meth:`ModelSpec.identity`)."""
+    return spec.identity()
 
 
 State = Literal["done", "stale", "pending"]
