@@ -259,7 +259,7 @@ def main() -> None:
     ledger = Ledger(out / "ledger.sqlite")
     prompts = held_out_prompts(cfg, run, args.n)
     models = {
-        "base": resolve_hf(cfg.models.junior.model, file=cfg.models.junior.file),
+        "base": resolve_hf(cfg.models.junior.model, file=getattr(cfg.models.junior, "file", None)),
         "junior": str(run / "junior" / "merged"),
         "senior": str(run / "senior" / "merged"),
     }

@@ -7,8 +7,8 @@ Fixtures (all session-scoped, built on first use only, so unit tests never pay f
 - ``llama_server``: the base URL (``http://127.0.0.1:PORT/v1``) of a real ``llama_cpp.server`` process
   serving SmolLM2-135M with one thread (or the packaged model named by ``$SPEED_TEST_SERVER_MODEL``),
   stopped at the end of the session. Talk to it with the ``openai`` backend, e.g.
-  ``ModelSpec(**llama_server_spec)``.
-- ``llama_server_spec``: keyword arguments of a :class:`speed.config.ModelSpec` for that server (backend
+  ``parse_model_spec(llama_server_spec)``.
+- ``llama_server_spec``: the fields of a model spec (:class:`speed.config.OpenAISpec`) for that server (backend
   ``openai``, model name, ``base_url``, one request at a time, few retries).
 
 They skip (with the pip command in the reason) when llama-cpp-python or the model package is missing,
@@ -95,7 +95,7 @@ def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def llama_server_spec(llama_server: str) -> dict[str, Any]:
-    """ModelSpec fields for the ``llama_server`` through the openai backend."""
+    """Model spec fields for the ``llama_server`` through the openai backend."""
     return {
         "backend": "openai",
         "model": os.environ.get(SERVER_MODEL_ENV, "smollm2-135m-instruct"),

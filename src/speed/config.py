@@ -9,12 +9,25 @@ a default. Defaults are the paper's values (SPEED, arXiv 2410.18634; E5, arXiv 2
 from __future__ import annotations
 
 import difflib
+import functools
+import importlib
+import operator
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, ClassVar, Literal, TypeVar, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    SerializeAsAny,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 
 class ConfigError(ValueError):
@@ -31,17 +44,20 @@ class Section(BaseModel):
 # models
 
 
-BackendName = Literal["openai", "llamacpp", "llamacpp_server", "hf", "vllm"]
-
-
 class ModelSpec(Section):
-    """How one role's model is found and run."""
+    """What the spec of every backend has: the model, its default sampling, its share of the machine.
 
-    backend: BackendName = Field(
-        "hf",
+    A config never gets a plain ``ModelSpec``: the ``backend`` key picks one of its subclasses
+    (:class:`OpenAISpec`, :class:`LlamaCppServerSpec`, :class:`LlamaCppSpec`, :class:`HFSpec`,
+    :class:`VLLMSpec`, or a plugin's, see :func:`register_spec`), whose fields and ``options`` are
+    the backend's own, so an option the backend does not know, or a value of the wrong type, is
+    refused when the config loads and not hours later when the backend is built.
+    """
+
+    backend: str = Field(
         description="openai: any OpenAI-compatible HTTP server; llamacpp_server: a llama.cpp server "
         "that speed starts on 127.0.0.1; llamacpp: llama.cpp in process; hf: transformers; vllm: vLLM "
-        "in process (GPU).",
+        "in process (GPU); or a backend a plugin registered."
     )
     model: str | None = Field(
         None,
@@ -49,57 +65,328 @@ class ModelSpec(Section):
         "None for roles whose weights are trained in the run (senior).",
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
-    file: str | None = Field(None, description="GGUF file name inside a hub repo or folder.")
-    base_url: str | None = Field(None, description="Endpoint of an OpenAI-compatible server.")
-    api_key_env: str | None = Field(
-        None, description="Name of the environment variable holding the API key (never the key)."
-    )
     temperature: float = Field(1.0, ge=0.0, description="Default sampling temperature of this role.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Default nucleus sampling p of this role.")
     max_tokens: int = Field(1024, gt=0, description="Default cap on generated tokens per sample.")
-    threads: int | None = Field(None, gt=0, description="CPU threads (llama.cpp, torch); None: run.threads.")
-    n_ctx: int = Field(4096, gt=0, description="Context length for llama.cpp.")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where hf/vllm run the model.")
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
-        "auto", description="Weights dtype; auto: bf16 where the hardware supports it."
+    # every role has threads, also an API one: the training stages take the role's threads whatever
+    # runs it, and `-o models.teacher.threads=N` must not fail by backend
+    threads: int | None = Field(
+        None, gt=0, description="CPU threads (llama.cpp, torch, training); None: run.threads."
     )
     batch_size: int = Field(
         8, gt=0, description="Sequences per forward pass (hf); at most this many answers per ledger write."
     )
-    concurrency: int = Field(8, gt=0, description="Requests in flight at once (HTTP backends).")
-    requests_per_minute: float | None = Field(None, gt=0, description="Rate limit (HTTP backends).")
+
+    #: fields that change how fast a role runs, not what it writes: left out of stage keys
+    runtime_fields: ClassVar[frozenset[str]] = frozenset(
+        {
+            "threads",
+            "concurrency",
+            "requests_per_minute",
+            "timeout_s",
+            "max_retries",
+            "batch_size",
+            "base_url",
+        }
+    )
+
+    def __init__(self, **data: Any) -> None:
+        if type(self) is ModelSpec:
+            raise TypeError(
+                "ModelSpec is the base of the per-backend specs; build one with parse_model_spec"
+                "({'backend': ..., ...}) or a backend's class (HFSpec, OpenAISpec, ...)"
+            )
+        super().__init__(**data)
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that determine what this role writes: the model-spec part of a stage key.
+
+        The payload keeps the shape of the one flat spec that every backend shared before specs
+        were typed per backend, so that runs made before keep their stage keys: a field this
+        backend lacks enters with the value the flat spec gave it, ``options`` holds the options
+        as written (unset ones left out), and runtime fields are dropped.
+        """
+        out: dict[str, Any] = dict(_FLAT_IDENTITY)
+        dumped = self.model_dump(mode="json")
+        options = getattr(self, "options", None)
+        if isinstance(options, BaseModel):
+            dumped["options"] = options.model_dump(mode="json", exclude_unset=True)
+        out.update({k: v for k, v in dumped.items() if k not in self.runtime_fields})
+        return out
+
+
+#: fields of the flat spec that a per-backend spec may lack, with the flat spec's defaults (see
+#: :meth:`ModelSpec.identity`); only key hashing reads them
+_FLAT_IDENTITY: dict[str, Any] = {
+    "file": None,
+    "api_key_env": None,
+    "n_ctx": 4096,
+    "device": "auto",
+    "dtype": "auto",
+    "adapter": None,
+    "options": {},
+}
+
+Dtype = Literal["auto", "bfloat16", "float16", "float32"]
+
+
+class LocalSpec(ModelSpec):
+    """A backend that loads the weights on this machine: a GGUF, a transformers folder, an adapter.
+
+    A plugin backend that holds a model in memory derives from this class, so that the stages free
+    it before training (:func:`speed.stages.alignment.free_local_models`).
+    """
+
+    file: str | None = Field(
+        None,
+        description="GGUF file name inside a hub repo or folder (also which GGUF to convert for training).",
+    )
+    adapter: str | None = Field(None, description="A LoRA adapter folder to load on top of `model`.")
+
+
+class OpenAIOptions(Section):
+    """Options of the ``openai`` backend (:class:`speed.llm.openai_api.OpenAIBackend`)."""
+
+    schema_mode: Literal["json_schema", "json_object", "none"] = Field(
+        "json_schema",
+        description="How a JSON schema is sent: json_schema (structured outputs), json_object (JSON "
+        "mode, the schema in the prompt), none (dropped; the parser validates).",
+    )
+    strict_schema: bool = Field(False, description="OpenAI's `strict` flag on json_schema requests.")
+    retry_initial_s: float = Field(1.0, gt=0, description="First backoff; it doubles per retry.")
+    retry_max_s: float = Field(60.0, gt=0, description="Cap on one backoff.")
+    extra_body: dict[str, Any] = Field(
+        default_factory=dict, description="Fields added to every request body (top_k for vLLM, ...)."
+    )
+
+
+class OpenAISpec(ModelSpec):
+    """Any OpenAI-compatible HTTP server: OpenAI, a vLLM or llama.cpp server, Ollama, ..."""
+
+    backend: Literal["openai"] = "openai"
+    base_url: str | None = Field(
+        None, description="Endpoint of an OpenAI-compatible server; None: https://api.openai.com/v1."
+    )
+    api_key_env: str | None = Field(
+        None, description="Name of the environment variable holding the API key (never the key)."
+    )
+    concurrency: int = Field(8, gt=0, description="Requests in flight at once.")
+    requests_per_minute: float | None = Field(None, gt=0, description="Rate limit on request starts.")
     timeout_s: float = Field(300.0, gt=0, description="Timeout of one HTTP request.")
     max_retries: int = Field(6, ge=0, description="Retries on 429, 5xx, timeouts, dropped connections.")
-    adapter: str | None = Field(None, description="A LoRA adapter folder to load on top of `model`.")
-    options: dict[str, Any] = Field(
-        default_factory=dict,
-        description="Backend-specific keyword arguments passed through (vLLM engine args, ...).",
+    options: OpenAIOptions = Field(default_factory=OpenAIOptions)
+
+
+class LlamaCppSamplerOptions(Section):
+    """llama.cpp's sampler extras, off by default so that a request samples as its Sampling says."""
+
+    top_k: int = Field(0, ge=0, description="Top-k sampling; 0: off.")
+    min_p: float = Field(0.0, ge=0, le=1, description="Min-p sampling; 0: off.")
+    repeat_penalty: float = Field(1.0, gt=0, description="Repetition penalty; 1: off.")
+
+
+class LlamaCppServerOptions(LlamaCppSamplerOptions):
+    """Options of the ``llamacpp_server`` backend (:class:`speed.llm.server.LlamaCppServerBackend`)."""
+
+    log_path: str | None = Field(None, description="File the server's log goes to; None: a temporary one.")
+    startup_timeout_s: float = Field(180.0, gt=0, description="How long the server may take to load.")
+    extra_args: list[str] = Field(
+        default_factory=list, description="Extra command-line arguments of the server."
     )
+    retry_initial_s: float = Field(1.0, gt=0, description="First backoff; it doubles per retry.")
+    retry_max_s: float = Field(30.0, gt=0, description="Cap on one backoff.")
+
+
+class LlamaCppServerSpec(LocalSpec):
+    """A llama.cpp server that speed starts on 127.0.0.1 and stops at the end of the run."""
+
+    backend: Literal["llamacpp_server"] = "llamacpp_server"
+    n_ctx: int = Field(4096, gt=0, description="Context length.")
+    concurrency: int = Field(8, gt=0, description="Requests in flight (the server itself takes at most 2).")
+    timeout_s: float = Field(300.0, gt=0, description="Timeout of one request (queueing included).")
+    max_retries: int = Field(6, ge=0, description="Retries on errors and dropped connections.")
+    options: LlamaCppServerOptions = Field(default_factory=LlamaCppServerOptions)
+
+
+class LlamaCppOptions(LlamaCppSamplerOptions):
+    """Options of the ``llamacpp`` backend (:class:`speed.llm.llamacpp.LlamaCppBackend`)."""
+
+    n_batch: int = Field(512, gt=0, description="Prompt tokens per llama.cpp batch.")
+    flash_attn: bool = Field(False, description="llama.cpp's flash attention.")
+    verbose: bool = Field(False, description="llama.cpp's own log on stderr.")
+
+
+class LlamaCppSpec(LocalSpec):
+    """llama.cpp in this process (GGUF, CPU)."""
+
+    backend: Literal["llamacpp"] = "llamacpp"
+    n_ctx: int = Field(4096, gt=0, description="Context length.")
+    options: LlamaCppOptions = Field(default_factory=LlamaCppOptions)
+
+
+class HFOptions(Section):
+    """Options of the ``hf`` backend (:class:`speed.llm.hf.HFBackend`)."""
+
+    merge_adapter: bool = Field(
+        True, description="Merge a LoRA adapter into the weights (faster generation)."
+    )
+    top_k: int = Field(0, ge=0, description="Top-k sampling; 0: off.")
+    trust_remote_code: bool = Field(False, description="Run model code from the hub (transformers' flag).")
+
+
+class HFSpec(LocalSpec):
+    """transformers in this process (CPU or GPU, LoRA adapters); also the embedder's spec."""
+
+    backend: Literal["hf"] = "hf"
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the model runs.")
+    dtype: Dtype = Field("auto", description="Weights dtype; auto: bf16 where the hardware supports it.")
+    options: HFOptions = Field(default_factory=HFOptions)
+
+
+class VLLMOptions(Section):
+    """Engine arguments of the ``vllm`` backend (:class:`vllm.LLM`); unset ones keep vLLM's defaults.
+
+    The common ones are typed here and checked when the config loads; any other engine argument goes
+    in ``engine_args``, which vLLM checks when the engine starts.
+    """
+
+    gpu_memory_utilization: float | None = Field(
+        None, gt=0, le=1, description="Share of GPU memory vLLM may take (vLLM: 0.9)."
+    )
+    tensor_parallel_size: int | None = Field(None, gt=0, description="GPUs one replica is split over.")
+    max_model_len: int | None = Field(None, gt=0, description="Context length; unset: the spec's n_ctx.")
+    max_num_seqs: int | None = Field(None, gt=0, description="Sequences per scheduler step.")
+    enforce_eager: bool | None = Field(None, description="No CUDA graphs (less memory, slower).")
+    enable_prefix_caching: bool | None = Field(None, description="Reuse the KV cache of shared prefixes.")
+    quantization: str | None = Field(None, description="Quantization method of the weights (awq, fp8, ...).")
+    trust_remote_code: bool | None = Field(None, description="Run model code from the hub.")
+    download_dir: str | None = Field(None, description="Where hub weights are downloaded.")
+    engine_args: dict[str, Any] = Field(
+        default_factory=dict, description="Other vllm.LLM keyword arguments, passed through unchecked."
+    )
+
+    @model_validator(mode="after")
+    def _typed_ones_not_twice(self) -> VLLMOptions:
+        typed = set(type(self).model_fields) - {"engine_args"}
+        twice = sorted(typed & set(self.engine_args))
+        if twice:
+            raise ValueError(
+                f"options.engine_args sets {', '.join(twice)}, which are options of their own: "
+                f"write them as options.{twice[0]} (checked when the config loads)"
+            )
+        return self
+
+    def to_engine_args(self) -> dict[str, Any]:
+        """The keyword arguments for :class:`vllm.LLM`: the set typed options and ``engine_args``."""
+        typed = self.model_dump(exclude={"engine_args"}, exclude_none=True)
+        return {**typed, **self.engine_args}
+
+
+class VLLMSpec(LocalSpec):
+    """vLLM in this process (GPU): the paper-scale generator backend."""
+
+    backend: Literal["vllm"] = "vllm"
+    n_ctx: int = Field(4096, gt=0, description="Context length (vLLM's max_model_len unless set).")
+    dtype: Dtype = Field("auto", description="Weights dtype.")
+    options: VLLMOptions = Field(default_factory=VLLMOptions)
+
+
+# --------------------------------------------------------------------------------------------
+# the union of the registered spec classes
+
+_SPECS: dict[str, type[ModelSpec]] = {}
+_UNION: TypeAdapter[Any] | None = None
+
+S = TypeVar("S", bound=type[ModelSpec])
+
+
+def register_spec(cls: S) -> S:
+    """Make a spec class one of the members of the ``backend`` union that every role validates against.
+
+    The class names its backend as ``backend: Literal["name"] = "name"``. Built-in specs register
+    here; a plugin backend registers its spec through :func:`speed.llm.register_backend`, so that the
+    name a config can write and the backends that can be built are the same set.
+
+    Raises:
+        TypeError: ``cls`` is not a ModelSpec subclass, or its ``backend`` is not one literal name.
+    """
+    global _UNION
+    if not (isinstance(cls, type) and issubclass(cls, ModelSpec)) or cls is ModelSpec:
+        raise TypeError(f"{cls!r} is not a subclass of speed.config.ModelSpec")
+    klass: type[ModelSpec] = cls
+    field = klass.model_fields["backend"]
+    names = get_args(field.annotation)
+    if len(names) != 1 or not isinstance(names[0], str) or field.default != names[0]:
+        raise TypeError(
+            f"{cls.__name__}.backend must be declared as backend: Literal['name'] = 'name' "
+            "(the union of specs picks the class by it)"
+        )
+    _SPECS[names[0]] = klass
+    _UNION = None  # rebuilt with the new member when next needed
+    return cls
+
+
+def spec_classes() -> dict[str, type[ModelSpec]]:
+    """The spec class of each backend name a config may write."""
+    return dict(_SPECS)
+
+
+for _cls in (OpenAISpec, LlamaCppServerSpec, LlamaCppSpec, HFSpec, VLLMSpec):
+    register_spec(_cls)
+
+
+def _union() -> TypeAdapter[Any]:
+    global _UNION
+    if _UNION is None:
+        members = list(_SPECS.values())
+        union: Any = functools.reduce(operator.or_, members)
+        if len(members) > 1:
+            union = Annotated[union, Field(discriminator="backend")]
+        _UNION = TypeAdapter(union)
+    return _UNION
+
+
+def parse_model_spec(data: Any) -> ModelSpec:
+    """The spec class that ``data["backend"]`` names, validated from ``data`` (a spec passes through).
+
+    Raises:
+        pydantic.ValidationError: an unknown backend, an unknown field or a value of the wrong type.
+    """
+    if isinstance(data, ModelSpec):
+        return data
+    spec: ModelSpec = _union().validate_python(data)
+    return spec
+
+
+#: the type of a role's field: validated through the discriminated union of the registered spec
+#: classes (rebuilt when a plugin registers one), dumped as the class it is, not as the base
+RoleSpec = Annotated[SerializeAsAny[ModelSpec], PlainValidator(parse_model_spec)]
 
 
 class ModelsConfig(Section):
     """The model spec of each role."""
 
-    teacher: ModelSpec = Field(
-        default_factory=lambda: ModelSpec(backend="openai", model="gpt-4o", api_key_env="OPENAI_API_KEY"),
+    teacher: RoleSpec = Field(
+        default_factory=lambda: OpenAISpec(model="gpt-4o", api_key_env="OPENAI_API_KEY"),
         description="The strong LLM: brainstorms, writes seeds, judges, revises.",
     )
-    junior: ModelSpec = Field(
-        default_factory=lambda: ModelSpec(backend="vllm", model="meta-llama/Meta-Llama-3-8B"),
+    junior: RoleSpec = Field(
+        default_factory=lambda: VLLMSpec(model="meta-llama/Meta-Llama-3-8B"),
         description="Base model fine-tuned into the junior (SFT), then the senior (DPO); also how "
         "the trained junior is run.",
     )
-    senior: ModelSpec = Field(
-        default_factory=lambda: ModelSpec(backend="vllm"),
+    senior: RoleSpec = Field(
+        default_factory=lambda: VLLMSpec(),
         description="How the senior is run; its weights come from the senior stage.",
     )
-    revisor: ModelSpec = Field(
-        default_factory=lambda: ModelSpec(backend="vllm", model="meta-llama/Meta-Llama-3-8B"),
+    revisor: RoleSpec = Field(
+        default_factory=lambda: VLLMSpec(model="meta-llama/Meta-Llama-3-8B"),
         description="Base model fine-tuned into the data revisor; also how the revisor is run.",
     )
-    embedder: ModelSpec = Field(
-        default_factory=lambda: ModelSpec(backend="hf", model="mistralai/Mistral-7B-v0.1"),
-        description="The embedding model trained on the synthetic data.",
+    # sentence-transformers trains and encodes it, so its spec is the hf backend's, whatever it says
+    embedder: HFSpec = Field(
+        default_factory=lambda: HFSpec(model="mistralai/Mistral-7B-v0.1"),
+        description="The embedding model trained on the synthetic data (backend hf).",
     )
 
     @model_validator(mode="before")
@@ -115,7 +402,7 @@ class ModelsConfig(Section):
             if field is None or not isinstance(value, dict) or "backend" in value:
                 continue
             default = field.get_default(call_default_factory=True)
-            merged[role] = {**default.model_dump(exclude_unset=True), **value}
+            merged[role] = {"backend": default.backend, **default.model_dump(exclude_unset=True), **value}
         return merged
 
 
@@ -438,15 +725,20 @@ class SpeedConfig(Section):
 # loading
 
 
-def _unknown(where: str, key: str, valid: list[str]) -> str:
+def _unknown(where: str, key: str, valid: list[str], note: str = "") -> str:
+    # a local did-you-mean (difflib), as the rest of this module has
     near = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
     hint = f" Did you mean '{near[0]}'?" if near else ""
-    return f"unknown config key '{where}' ('{key}' is not one of: {', '.join(valid)}).{hint}"
+    return f"unknown config key '{where}'{note} ('{key}' is not one of: {', '.join(valid)}).{hint}"
 
 
-def _fields_at(path: list[str]) -> tuple[type[BaseModel] | None, bool]:
-    """The model class found by walking ``path`` from SpeedConfig, and whether it is a free dict."""
-    cls: Any = SpeedConfig
+def _fields_at(path: list[str], root: type[BaseModel] = SpeedConfig) -> tuple[type[BaseModel] | None, bool]:
+    """The model class found by walking ``path`` from ``root``, and whether it is a free dict.
+
+    A role's spec counts as free here: its fields depend on the ``backend`` it names, and the union
+    of specs checks them (with did-you-mean) when the config is validated.
+    """
+    cls: Any = root
     for part in path:
         if cls is None or not (isinstance(cls, type) and issubclass(cls, BaseModel)):
             return None, True
@@ -455,9 +747,41 @@ def _fields_at(path: list[str]) -> tuple[type[BaseModel] | None, bool]:
             return None, False
         ann = field.annotation
         cls = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
-        if cls is None:
+        if cls is None or (cls is ModelSpec and root is SpeedConfig):
             return None, True
     return cls, False
+
+
+def _spec_error(loc: list[str], e: Any) -> str | None:
+    """The message of an error inside a role's spec, or None for any other error.
+
+    The union puts the backend's name after the role in ``loc`` (``models.teacher.openai.n_ctx``);
+    the message drops it, and names the backend instead.
+    """
+    if len(loc) < 2 or loc[0] != "models" or loc[1] not in ModelsConfig.model_fields:
+        return None
+    role = ".".join(loc[:2])
+    known = sorted(_SPECS)
+    if e["type"] in ("union_tag_invalid", "union_tag_not_found"):
+        got = e["input"].get("backend") if isinstance(e["input"], dict) else None
+        if got is None:
+            return f"config key '{role}.backend' is missing; name one of: {', '.join(known)}."
+        near = difflib.get_close_matches(str(got), known, n=1, cutoff=0.5)
+        hint = f" Did you mean '{near[0]}'?" if near else ""
+        return (
+            f"config key '{role}.backend': unknown backend '{got}' (known: {', '.join(known)}).{hint} "
+            "A plugin's backend is known once a module in pipeline.plugins registers it."
+        )
+    if len(loc) < 3 or loc[2] not in _SPECS:
+        return None
+    backend, rest = loc[2], loc[3:]
+    dotted = ".".join([*loc[:2], *rest])
+    note = f" (backend '{backend}')"
+    if e["type"] == "extra_forbidden":
+        parent, _ = _fields_at(rest[:-1], _SPECS[backend])
+        valid = list(parent.model_fields) if parent is not None else []
+        return _unknown(dotted, rest[-1], valid, note)
+    return f"config key '{dotted}'{note}: {e['msg']} (got {e.get('input')!r})."
 
 
 def _explain(err: ValidationError) -> str:
@@ -465,7 +789,10 @@ def _explain(err: ValidationError) -> str:
     for e in err.errors():
         loc = [str(p) for p in e["loc"]]
         dotted = ".".join(loc)
-        if e["type"] == "extra_forbidden":
+        spec_msg = _spec_error(loc, e)
+        if spec_msg is not None:
+            lines.append(spec_msg)
+        elif e["type"] == "extra_forbidden":
             parent, _ = _fields_at(loc[:-1])
             valid = list(parent.model_fields) if parent is not None else []
             lines.append(_unknown(dotted, loc[-1], valid))
@@ -473,6 +800,23 @@ def _explain(err: ValidationError) -> str:
             got = e.get("input")
             lines.append(f"config key '{dotted}': {e['msg']} (got {got!r}).")
     return "\n".join(lines)
+
+
+def import_plugins(modules: Any) -> None:
+    """Import the modules of ``pipeline.plugins`` (they register stages and backends).
+
+    Raises:
+        ConfigError: one cannot be imported.
+    """
+    if not isinstance(modules, list):
+        return  # not a list: validation names the key
+    for mod in modules:
+        try:
+            importlib.import_module(str(mod))
+        except ImportError as err:
+            raise ConfigError(
+                f"pipeline.plugins: cannot import '{mod}' ({err}); is it on PYTHONPATH?"
+            ) from err
 
 
 def apply_override(data: dict[str, Any], override: str) -> None:
@@ -524,6 +868,11 @@ def load_config(
         data = loaded
     for override in overrides or []:
         apply_override(data, override)
+    # before validation: a plugin's backend must have registered its spec class for the union of
+    # specs to check the roles that use it
+    pipeline = data.get("pipeline")
+    if isinstance(pipeline, dict):
+        import_plugins(pipeline.get("plugins"))
     try:
         return SpeedConfig.model_validate(data)
     except ValidationError as err:

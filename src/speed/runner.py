@@ -15,7 +15,8 @@ Resume inside a stage has two layers:
 - every LLM call goes through the ledger, so finished calls are replayed, not sent again.
 
 Runtime knobs of a model spec (threads, concurrency, rate limits, timeouts, batch size, endpoint
-URL) are left out of keys: they change how fast a stage runs, not what it writes.
+URL: ``ModelSpec.runtime_fields``) are left out of keys: they change how fast a stage runs, not what
+it writes.
 """
 
 from __future__ import annotations
@@ -41,16 +42,11 @@ from speed import __version__
 from speed.config import ConfigError, ModelSpec, SpeedConfig
 from speed.io import read_json, write_json
 from speed.ledger import Ledger, LedgeredBackend
-from speed.llm.base import Backend
+from speed.roles import RoleBackends, role_weights, weights_problem
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-#: ModelSpec fields that change speed, not output; kept out of stage keys
-RUNTIME_FIELDS = frozenset(
-    {"threads", "concurrency", "requests_per_minute", "timeout_s", "max_retries", "batch_size", "base_url"}
-)
 
 MANIFEST = "manifest.json"
 
@@ -169,8 +165,8 @@ def _hash(payload: Any) -> str:
 
 
 def spec_identity(spec: ModelSpec) -> dict[str, Any]:
-    """The parts of a model spec that determine outputs."""
-    return {k: v for k, v in spec.model_dump(mode="json").items() if k not in RUNTIME_FIELDS}
+    """The parts of a model spec that determine outputs (:meth:`ModelSpec.identity`)."""
+    return spec.identity()
 
 
 State = Literal["done", "stale", "pending"]
@@ -287,10 +283,26 @@ class StageContext:
 
         Args:
             role: teacher, junior, senior, revisor.
-            model_path: weights trained in the run (a merged model or adapter folder), replacing
-                the spec's ``model``.
+            model_path: weights to load instead of the role's weights for this stage (by default
+                those trained in the run when this stage reads their stage, see :meth:`weights`).
         """
-        return self.session.llm(role, self.name, model_path, stage_key=self.key)
+        return self.session.llm(role, self.name, model_path, stage_key=self.key, reads=self.reads)
+
+    def weights(self, role: str) -> Path | None:
+        """The folder of ``role``'s weights trained in this run, checked, or None when this stage
+        runs the role's own ``model`` (:func:`speed.roles.role_weights`).
+
+        Raises:
+            StageError: the training stage finished but left no model where the weights belong.
+        """
+        path = role_weights(self.run_dir, role, self.reads)
+        if path is not None:
+            problem = weights_problem(self.input(path.parent.name) / path.name)
+            if problem is not None:
+                raise StageError(
+                    f"stage '{self.name}': no trained {role} model: {problem}; rerun '{path.parent.name}'"
+                )
+        return path
 
     def rng(self, salt: str = "") -> random.Random:
         """A random generator seeded by the run seed, this stage and ``salt``."""
@@ -325,38 +337,26 @@ class RunSession:
         self.run_dir = run_dir
         self.ledger = Ledger(run_dir / "ledger.sqlite")
         self._stack = ExitStack()
-        self._backends: dict[tuple[str, str | None], Backend] = {}
+        self.roles = RoleBackends(cfg, run_dir)
+        self._stack.callback(self.roles.close)
         self._executor: Any = None
 
     def llm(
-        self, role: str, stage: str, model_path: str | Path | None = None, stage_key: str | None = None
+        self,
+        role: str,
+        stage: str,
+        model_path: str | Path | None = None,
+        stage_key: str | None = None,
+        reads: tuple[str, ...] = (),
     ) -> LedgeredBackend:
-        from speed.executors.base import ledger_model_id
-
-        spec: ModelSpec = getattr(self.cfg.models, role)
-        path = str(model_path) if model_path is not None else None
-        cache_key = (role, path)
-        if cache_key not in self._backends:
-            from speed.llm import load_backend
-
-            backend = load_backend(spec, threads=spec.threads or self.cfg.run.threads, model_path=path)
-            self._stack.callback(backend.close)
-            self._backends[cache_key] = backend
-        backend = self._backends[cache_key]
-        return LedgeredBackend(
-            backend,
-            self.ledger,
-            role,
-            stage,
-            flush_every=spec.batch_size,
-            model_id=ledger_model_id(self.run_dir, path) or backend.model_id,
-            stage_key=stage_key,
+        """The ledgered backend of ``role`` for ``stage`` (see :meth:`RoleBackends.ledgered`)."""
+        return self.roles.ledgered(
+            role, ledger=self.ledger, stage=stage, reads=reads, stage_key=stage_key, model_path=model_path
         )
 
     def release(self, role: str) -> None:
         """Close a role's backends early (free memory before training)."""
-        for key in [k for k in self._backends if k[0] == role]:
-            self._backends.pop(key).close()
+        self.roles.release(role)
 
     def executor(self) -> Any:
         if self._executor is None:

@@ -15,7 +15,7 @@ import random
 
 import pytest
 
-from speed.config import ModelSpec
+from speed.config import LlamaCppSpec
 from speed.data.filters import DropCounter, default_filters, first_failure
 from speed.llm import Request, Sampling, load_backend
 from speed.tasks import TaskList, get_kind, kind_names, strict_schema
@@ -32,7 +32,7 @@ MAX_TOKENS = {"retrieval": 400, "classification": 250, "matching_long": 400}
 
 @pytest.fixture(scope="module")
 def backend():
-    spec = ModelSpec(backend="llamacpp", model=MODEL, n_ctx=4096)
+    spec = LlamaCppSpec(model=MODEL, n_ctx=4096)
     with load_backend(spec, threads=1) as b:
         yield b
 

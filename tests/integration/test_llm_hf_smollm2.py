@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from speed.config import ModelSpec
+from speed.config import HFOptions, HFSpec
 from speed.llm import Request, Sampling, load_backend
 from speed.llm.hf import HFBackend
 
@@ -52,13 +52,15 @@ def test_converted_model_answers_in_batches(smollm2_hf: Path) -> None:
 
 def test_lora_adapter_changes_the_answers(smollm2_hf: Path, adapter: Path) -> None:
     reqs = [Request.chat(p, sampling=Sampling(temperature=0, max_tokens=16)) for p in PROMPTS]
-    spec = ModelSpec(backend="hf", model="smollm2-135m-instruct", batch_size=4, dtype="float32")
+    spec = HFSpec(model="smollm2-135m-instruct", batch_size=4, dtype="float32")
     with load_backend(spec, threads=1) as base:
         base_texts = [c.text for c in base.generate(reqs)]
     # a trained adapter folder passed by a stage as model_path, merged (default) and unmerged
     with load_backend(spec, threads=1, model_path=str(adapter)) as tuned:
         tuned_texts = [c.text for c in tuned.generate(reqs)]
-    unmerged_spec = spec.model_copy(update={"adapter": str(adapter), "options": {"merge_adapter": False}})
+    unmerged_spec = spec.model_copy(
+        update={"adapter": str(adapter), "options": HFOptions(merge_adapter=False)}
+    )
     with load_backend(unmerged_spec, threads=1) as unmerged:
         unmerged_texts = [c.text for c in unmerged.generate(reqs)]
     assert tuned_texts != base_texts

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from speed.config import ModelSpec
+from speed.config import LlamaCppSpec
 from speed.ledger import Ledger, LedgeredBackend
 from speed.llm import Request, Sampling, load_backend
 from speed.llm.llamacpp import LlamaCppBackend
@@ -31,7 +31,7 @@ SCHEMA: dict[str, Any] = {
 
 @pytest.fixture(scope="module")
 def backend(smollm2_gguf: Path) -> Any:
-    spec = ModelSpec(backend="llamacpp", model="smollm2-135m-instruct", n_ctx=1024)
+    spec = LlamaCppSpec(model="smollm2-135m-instruct", n_ctx=1024)
     with load_backend(spec, threads=1) as b:
         assert isinstance(b, LlamaCppBackend)
         yield b

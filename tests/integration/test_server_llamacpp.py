@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 import pytest
 
-from speed.config import ModelSpec
+from speed.config import LlamaCppServerSpec, parse_model_spec
 from speed.ledger import Ledger, LedgeredBackend
 from speed.llm import BackendError, Request, Sampling, load_backend
 from speed.llm.openai_api import OpenAIBackend
@@ -61,7 +61,7 @@ def _wait_gone(pid: int, timeout_s: float = 20.0) -> bool:
 
 
 def test_schema_output_parses(llama_server_spec: dict[str, Any]) -> None:
-    with load_backend(ModelSpec(**llama_server_spec)) as backend:
+    with load_backend(parse_model_spec(llama_server_spec)) as backend:
         reqs = [
             Request.chat(
                 f"Write a web search query about {topic} and rate its relevance from 1 to 5, as JSON.",
@@ -77,7 +77,7 @@ def test_schema_output_parses(llama_server_spec: dict[str, Any]) -> None:
 
 
 def test_n_samples_differ_at_temperature_one(llama_server_spec: dict[str, Any]) -> None:
-    with load_backend(ModelSpec(**llama_server_spec)) as backend:
+    with load_backend(parse_model_spec(llama_server_spec)) as backend:
         req = Request.chat("Name a fruit.", sampling=Sampling(temperature=1.0, max_tokens=16, n=4))
         comp = backend.generate([req])[0]
     assert comp.error is None and len(comp.texts) == 4
@@ -88,7 +88,9 @@ def test_n_samples_differ_at_temperature_one(llama_server_spec: dict[str, Any]) 
 def test_tokens_recorded_in_the_ledger(llama_server_spec: dict[str, Any], tmp_path: Path) -> None:
     ledger = Ledger(tmp_path / "ledger.sqlite")
     reqs = [Request.chat(f"Count to {i}.", sampling=Sampling(max_tokens=12, seed=i)) for i in range(3)]
-    with LedgeredBackend(load_backend(ModelSpec(**llama_server_spec)), ledger, "teacher", "seed") as backend:
+    with LedgeredBackend(
+        load_backend(parse_model_spec(llama_server_spec)), ledger, "teacher", "seed"
+    ) as backend:
         comps = backend.generate(reqs)
         assert backend.sent == 3 and backend.replayed == 0
         again = backend.generate(reqs)
@@ -185,8 +187,7 @@ def test_backend_reports_a_dead_server_with_its_log(smollm2_gguf: Path, tmp_path
 
 
 def test_close_stops_the_server(smollm2_gguf: Path, tmp_path: Path) -> None:
-    spec = ModelSpec(
-        backend="llamacpp_server",
+    spec = LlamaCppServerSpec(
         model="smollm2-135m-instruct",
         n_ctx=1024,
         options={"log_path": str(tmp_path / "s.log")},

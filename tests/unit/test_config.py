@@ -84,4 +84,10 @@ def test_a_role_without_backend_tweaks_the_default_spec():
     assert (cfg.models.embedder.backend, cfg.models.embedder.model) == ("hf", "my/embedder")
     # naming a backend starts a spec of its own: the default's API key variable does not leak in
     own = load_config(None, ["models.teacher.backend=llamacpp_server", "models.teacher.model=m"])
-    assert own.models.teacher.api_key_env is None
+    assert (
+        own.models.teacher.backend == "llamacpp_server"
+        and "api_key_env" not in own.models.teacher.model_dump()
+    )
+    # a tweak is checked against the default's backend: the default teacher (openai) has no n_ctx
+    with pytest.raises(ConfigError, match=r"'models\.teacher\.n_ctx' \(backend 'openai'\)"):
+        load_config(None, ["models.teacher.n_ctx=2048"])

@@ -15,7 +15,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from speed.config import ModelSpec  # noqa: E402
+from speed.config import HFSpec  # noqa: E402
 from speed.llm import Request, Sampling, load_backend  # noqa: E402
 from speed.llm.hf import HFBackend  # noqa: E402
 from tiny import make_tiny_llama  # noqa: E402
@@ -122,7 +122,7 @@ def test_lora_adapter_loaded_merged_or_as_model(tiny: dict[str, Path]) -> None:
 
 
 def test_load_backend_with_model_path_and_schema_hint(tiny: dict[str, Path]) -> None:
-    spec = ModelSpec(backend="hf", model=str(tiny["base"]), device="cpu", dtype="float32", batch_size=2)
+    spec = HFSpec(model=str(tiny["base"]), device="cpu", dtype="float32", batch_size=2)
     with load_backend(spec, threads=1, model_path=str(tiny["adapter"])) as backend:
         assert isinstance(backend, HFBackend)
         comps = backend.generate(

@@ -15,14 +15,14 @@ Design choices:
 - Shards and results cross process boundaries by pickle; keep them small (prompts in, rows out).
   The stage, on the driver, writes what a shard returns: a worker never writes into the run folder,
   which therefore needs no shared filesystem for outputs.
-- The ledger label of weights trained in the run is their path relative to the run directory
-  (:func:`ledger_model_id`, the rule of :meth:`speed.runner.RunSession.llm`), so a Ray worker and the
-  local process key the same request the same way and replay each other's answers.
+- Which weights a role runs with and how its backend is wrapped in the ledger are decided in one
+  place, :mod:`speed.roles` (:class:`~speed.roles.RoleBackends`), for the run session and a Ray env
+  alike, so a Ray worker and the local process load the same weights, key the same request the same
+  way and replay each other's answers.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
@@ -30,9 +30,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from speed.roles import ledger_model_id
+
 if TYPE_CHECKING:
     from speed.ledger import LedgeredBackend
     from speed.runner import StageContext
+
+__all__ = ["Executor", "Shard", "Worker", "WorkerEnv", "WorkerFactory", "check_shard_ids", "ledger_model_id"]
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +68,8 @@ class WorkerEnv(ABC):
 
     @abstractmethod
     def llm(self, role: str, model_path: str | Path | None = None) -> LedgeredBackend:
-        """The backend of ``role`` (weights from ``model_path`` if given), every call ledgered."""
+        """The backend of ``role``, every call ledgered; its weights are those of the role for the
+        stage (:func:`speed.roles.role_weights`), or ``model_path`` if given."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Free what this env loaded (backends it owns)."""
@@ -145,23 +150,3 @@ def check_shard_ids(shards: Sequence[Shard]) -> None:
         if shard.id in seen:
             raise ValueError(f"shard id '{shard.id}' is used twice; give every shard a unique id")
         seen.add(shard.id)
-
-
-def ledger_model_id(run_dir: str | Path, model_path: str | Path | None) -> str | None:
-    """The ledger label of weights: ``run:<relative path>@<key>`` inside the run, else the path.
-
-    The key is that of the stage that trained the weights (its manifest's), so a retrained model
-    under the same folder is asked anew, never answered from the old weights' calls; the relative
-    path lets a copied run replay on another machine. Returns None when ``model_path`` is None (the
-    backend's own ``model_id`` is used then).
-    """
-    if model_path is None:
-        return None
-    run = Path(run_dir).resolve()
-    try:
-        rel = Path(model_path).resolve().relative_to(run)
-    except ValueError:
-        return str(model_path)
-    manifest = run / rel.parts[0] / "manifest.json"
-    key = json.loads(manifest.read_text(encoding="utf-8")).get("key") if manifest.is_file() else None
-    return f"run:{rel}" + (f"@{key}" if key else "")

@@ -43,20 +43,13 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
-from speed.executors.base import (
-    Executor,
-    Shard,
-    Worker,
-    WorkerEnv,
-    WorkerFactory,
-    check_shard_ids,
-    ledger_model_id,
-)
+from speed.executors.base import Executor, Shard, Worker, WorkerEnv, WorkerFactory, check_shard_ids
 
 if TYPE_CHECKING:
     from speed.config import SpeedConfig
     from speed.ledger import LedgeredBackend
     from speed.llm.base import Completion, Request
+    from speed.roles import RoleBackends
     from speed.runner import StageContext
 
 logger = logging.getLogger(__name__)
@@ -124,46 +117,52 @@ class RemoteLedger:
 class RayEnv(WorkerEnv):
     """Backends loaded in the actor, every call ledgered through the run's ledger server.
 
+    The backends come from the same factory as the run session's (:class:`speed.roles.RoleBackends`),
+    so the actor loads the weights the driver would and labels them the same way in the ledger.
+
     Args:
         cfg: the run's config (model specs, thread count).
         stage: the stage the calls are recorded under.
         stage_key: the key of the stage run, which the calls are noted as used by.
-        run_dir: the run directory as the driver sees it (for ledger labels of trained weights).
+        run_dir: the run directory as the driver sees it (trained weights and their ledger labels).
         ledger: handle of the :class:`LedgerServer`.
+        reads: the stages the stage reads (they decide which weights a role runs with).
     """
 
-    def __init__(self, cfg: SpeedConfig, stage: str, stage_key: str, run_dir: str, ledger: Any):
+    def __init__(
+        self,
+        cfg: SpeedConfig,
+        stage: str,
+        stage_key: str,
+        run_dir: str,
+        ledger: Any,
+        reads: tuple[str, ...] = (),
+    ):
         self.cfg = cfg
         self.stage = stage
         self.stage_key = stage_key
         self.run_dir = run_dir
+        self.reads = reads
         self.ledger = RemoteLedger(ledger)
-        self._backends: dict[tuple[str, str | None], Any] = {}
+        self._roles: RoleBackends | None = None
 
     def llm(self, role: str, model_path: str | Path | None = None) -> LedgeredBackend:
-        from speed.ledger import Ledger, LedgeredBackend
-        from speed.llm import load_backend
+        from speed.roles import RoleBackends
 
-        spec = getattr(self.cfg.models, role)
-        path = str(model_path) if model_path is not None else None
-        if (role, path) not in self._backends:
-            threads = spec.threads or self.cfg.run.threads
-            self._backends[(role, path)] = load_backend(spec, threads=threads, model_path=path)
-        backend = self._backends[(role, path)]
-        return LedgeredBackend(
-            backend,
-            cast(Ledger, self.ledger),
+        if self._roles is None:  # built in the actor: the env itself travels by pickle
+            self._roles = RoleBackends(self.cfg, self.run_dir)
+        return self._roles.ledgered(
             role,
-            self.stage,
-            flush_every=spec.batch_size,
-            model_id=ledger_model_id(self.run_dir, path) or backend.model_id,
+            ledger=self.ledger,
+            stage=self.stage,
+            reads=self.reads,
             stage_key=self.stage_key,
+            model_path=model_path,
         )
 
     def close(self) -> None:
-        for backend in self._backends.values():
-            backend.close()
-        self._backends.clear()
+        if self._roles is not None:
+            self._roles.close()
 
 
 class ShardActor:
@@ -292,7 +291,7 @@ class RayExecutor(Executor):
         data_ctx = ray_data.DataContext.get_current()
         data_ctx.enable_progress_bars = sys.stderr.isatty()
         server = self._ledger_server(ray, str(Path(ctx.ledger.path).resolve()))
-        env = RayEnv(ctx.cfg, ctx.name, ctx.key, str(ctx.run_dir), server)
+        env = RayEnv(ctx.cfg, ctx.name, ctx.key, str(ctx.run_dir), server, ctx.reads)
         items = [{"shard_id": s.id, "payload": pickle.dumps(s)} for s in shards]
         ds = ray_data.from_items(items, override_num_blocks=len(items))
         ds = ds.map_batches(

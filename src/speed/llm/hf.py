@@ -35,15 +35,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from speed.llm.base import Backend, BackendError, Completion, OnReady, Request, gather
-from speed.llm.registry import require, spec_options
+from speed.llm.registry import require
 from speed.models import resolve_hf
 
 if TYPE_CHECKING:
-    from speed.config import ModelSpec
+    from speed.config import HFSpec
 
 logger = logging.getLogger(__name__)
-
-_OPTIONS: dict[str, Any] = {"merge_adapter": True, "top_k": 0, "trust_remote_code": False}
 
 #: used when a tokenizer has no chat template (a base model): ChatML, which SFT then teaches
 _FALLBACK_TEMPLATE = (
@@ -206,7 +204,7 @@ class HFBackend(Backend):
 
     @classmethod
     def from_spec(
-        cls, spec: ModelSpec, *, threads: int | None = None, model_path: str | None = None
+        cls, spec: HFSpec, *, threads: int | None = None, model_path: str | None = None
     ) -> HFBackend:
         """Load the spec's model, or ``model_path`` (a trained folder or adapter) on top of it."""
         model = model_path or spec.model
@@ -214,7 +212,6 @@ class HFBackend(Backend):
             raise ValueError(
                 "model spec field 'model' is empty and no trained weights were given: backend 'hf' needs a model"
             )
-        opts = spec_options(spec, _OPTIONS, "hf")
         return cls(
             model,
             base_model=spec.model if model_path and spec.model else None,
@@ -223,7 +220,7 @@ class HFBackend(Backend):
             dtype=spec.dtype,
             threads=threads or spec.threads or 1,
             batch_size=spec.batch_size,
-            **opts,
+            **spec.options.model_dump(),
         )
 
     # -- generation ----------------------------------------------------------------------------

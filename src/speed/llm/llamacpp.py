@@ -38,22 +38,14 @@ from typing import TYPE_CHECKING, Any
 
 from speed import hardware
 from speed.llm.base import Backend, BackendError, Completion, OnReady, Request, gather
-from speed.llm.registry import require, spec_options
+from speed.llm.registry import require
 from speed.models import resolve_gguf
 
 if TYPE_CHECKING:
-    from speed.config import ModelSpec
+    from speed.config import LlamaCppSpec
 
 logger = logging.getLogger(__name__)
 
-_OPTIONS: dict[str, Any] = {
-    "n_batch": 512,
-    "flash_attn": False,
-    "verbose": False,
-    "top_k": 0,
-    "min_p": 0.0,
-    "repeat_penalty": 1.0,
-}
 _PATCH_LOCK = threading.Lock()
 
 
@@ -189,20 +181,19 @@ class LlamaCppBackend(Backend):
 
     @classmethod
     def from_spec(
-        cls, spec: ModelSpec, *, threads: int | None = None, model_path: str | None = None
+        cls, spec: LlamaCppSpec, *, threads: int | None = None, model_path: str | None = None
     ) -> LlamaCppBackend:
         """Load the spec's model (or ``model_path``)."""
         model = model_path or spec.model
         if not model:
             raise ValueError("model spec field 'model' is empty: backend 'llamacpp' needs a GGUF model")
-        opts = spec_options(spec, _OPTIONS, "llamacpp")
         return cls(
             model,
             file=spec.file,
             threads=threads or spec.threads or 1,
             n_ctx=spec.n_ctx,
             adapter=spec.adapter,
-            **opts,
+            **spec.options.model_dump(),
         )
 
     def generate(self, requests: Sequence[Request]) -> list[Completion]:

@@ -47,24 +47,15 @@ import httpx
 import tenacity
 
 from speed.llm.base import Backend, BackendError, Completion, OnReady, Request, gather
-from speed.llm.registry import spec_options
 
 if TYPE_CHECKING:
-    from speed.config import ModelSpec
+    from speed.config import OpenAISpec
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 
 SchemaMode = Literal["json_schema", "json_object", "none"]
-
-_OPTIONS: dict[str, Any] = {
-    "schema_mode": "json_schema",
-    "strict_schema": False,
-    "retry_initial_s": 1.0,
-    "retry_max_s": 60.0,
-    "extra_body": {},
-}
 
 
 def redact_url(url: str) -> str:
@@ -197,7 +188,7 @@ class OpenAIBackend(Backend):
 
     @classmethod
     def from_spec(
-        cls, spec: ModelSpec, *, threads: int | None = None, model_path: str | None = None
+        cls, spec: OpenAISpec, *, threads: int | None = None, model_path: str | None = None
     ) -> OpenAIBackend:
         """Build from a model spec; the key is read from the variable ``spec.api_key_env`` names.
 
@@ -219,7 +210,6 @@ class OpenAIBackend(Backend):
                     f"export {spec.api_key_env}=<your key>, or set api_key_env to null for a server "
                     "that needs no key"
                 )
-        opts = spec_options(spec, _OPTIONS, "openai")
         return cls(
             model,
             base_url=spec.base_url or DEFAULT_BASE_URL,
@@ -228,7 +218,7 @@ class OpenAIBackend(Backend):
             requests_per_minute=spec.requests_per_minute,
             timeout_s=spec.timeout_s,
             max_retries=spec.max_retries,
-            **opts,
+            **spec.options.model_dump(),
         )
 
     # -- the interface -----------------------------------------------------------------------

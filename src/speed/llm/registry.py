@@ -6,9 +6,11 @@ Design choices:
   without vLLM can still run the llama.cpp backends.
 - A missing dependency raises :class:`MissingDependencyError` (an ``ImportError``) whose message holds
   the pip command that installs it, e.g. ``pip install 'speed[llamacpp]'``.
-- Every backend class has ``from_spec(spec, threads=..., model_path=...)``; ``model_path`` replaces
-  ``spec.model`` (stages pass trained weights from the run: a merged folder or a LoRA adapter folder).
-- Plugins may add a backend with :func:`register_backend`.
+- Every backend class has ``from_spec(spec, threads=..., model_path=...)`` taking its own spec class
+  (:class:`~speed.config.HFSpec`, ...), whose fields and options were checked when the config loaded;
+  ``model_path`` replaces ``spec.model`` (trained weights from the run: a merged or adapter folder).
+- Plugins add a backend with :func:`register_backend`, which registers its spec class in the config's
+  union of specs too: the names a config may write and the backends that can be built are one set.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
+from speed.config import ModelSpec, register_spec, spec_classes
+
 if TYPE_CHECKING:
-    from speed.config import ModelSpec
     from speed.llm.base import Backend
 
 logger = logging.getLogger(__name__)
@@ -82,20 +85,42 @@ def require_installed(modules: tuple[str, ...], *, extra: str, what: str) -> Non
         )
 
 
-def register_backend(name: str, module: str, cls: str, extra: str | None = None) -> None:
-    """Make a backend class available to :func:`load_backend` under ``name``.
+def register_backend(
+    name: str, module: str, cls: str, extra: str | None = None, *, spec: type[ModelSpec]
+) -> None:
+    """Make a backend available to configs and to :func:`load_backend` under ``name``.
 
     Args:
         name: the ``backend`` value of a model spec.
         module: the module holding the class (imported when first used).
         cls: the class name; it must have a ``from_spec`` classmethod like the built-in backends.
         extra: the speed extra that installs its dependencies, for the error message.
+        spec: the backend's spec class: a :class:`~speed.config.ModelSpec` subclass (or
+            :class:`~speed.config.LocalSpec`, for a backend that loads weights here) declaring
+            ``backend: Literal[name] = name`` and the backend's fields; configs that name the
+            backend are validated against it when they load.
+
+    Raises:
+        TypeError: ``spec`` is not such a class, or it names another backend.
+
+    Example:
+        >>> class EchoSpec(ModelSpec):  # doctest: +SKIP
+        ...     backend: Literal["echo"] = "echo"
+        >>> register_backend("echo", "my_plugin.echo", "EchoBackend", spec=EchoSpec)  # doctest: +SKIP
     """
+    concrete = isinstance(spec, type) and issubclass(spec, ModelSpec) and spec is not ModelSpec
+    default = spec.model_fields["backend"].default if concrete else None
+    if concrete and default != name:
+        raise TypeError(
+            f"register_backend('{name}', ...): the spec class {spec.__name__} is for backend "
+            f"'{default}'; declare backend: Literal['{name}'] = '{name}' in it"
+        )
+    register_spec(spec)
     _REGISTRY[name] = _Entry(module, cls, extra)
 
 
 def backend_names() -> list[str]:
-    """Names accepted as ``ModelSpec.backend``."""
+    """Names a config may write as a role's ``backend``."""
     return sorted(_REGISTRY)
 
 
@@ -108,7 +133,7 @@ def load_backend(
     """Build the backend a model spec describes.
 
     Args:
-        spec: the role's model spec.
+        spec: the role's model spec (the backend's own spec class, as a config holds it).
         threads: CPU threads when ``spec.threads`` is unset (the run-wide ``run.threads``); 1 if both
             are unset.
         model_path: weights to load instead of ``spec.model`` (a trained folder or adapter of the run).
@@ -118,15 +143,23 @@ def load_backend(
 
     Raises:
         ValueError: an unknown backend name (with the nearest known one).
+        TypeError: a spec of another class than the one registered for its backend.
         MissingDependencyError: the backend's library is not installed (with the pip command).
     """
     entry = _REGISTRY.get(spec.backend)
     if entry is None:
+        # a config cannot get here (the union of specs refuses the name); a spec built in code can
         near = difflib.get_close_matches(spec.backend, list(_REGISTRY), n=1)
         hint = f" Did you mean '{near[0]}'?" if near else ""
         raise ValueError(
             f"unknown backend '{spec.backend}' (model spec field 'backend'); known: "
             f"{', '.join(backend_names())}.{hint}"
+        )
+    expected = spec_classes().get(spec.backend)
+    if expected is not None and not isinstance(spec, expected):
+        raise TypeError(
+            f"backend '{spec.backend}' takes a {expected.__name__}, got a {type(spec).__name__}; "
+            "build specs with speed.config.parse_model_spec or the backend's spec class"
         )
     module = importlib.import_module(entry.module)
     cls: Any = getattr(module, entry.cls)
@@ -136,22 +169,3 @@ def load_backend(
     )
     backend: Backend = cls.from_spec(spec, threads=n_threads, model_path=model_path)
     return backend
-
-
-def spec_options(spec: ModelSpec, allowed: dict[str, Any], backend: str) -> dict[str, Any]:
-    """``spec.options`` checked against the keys a backend knows, with their defaults filled in.
-
-    Raises:
-        ValueError: an unknown key, naming the nearest known one.
-    """
-    out = dict(allowed)
-    for key, value in spec.options.items():
-        if key not in allowed:
-            near = difflib.get_close_matches(key, list(allowed), n=1)
-            hint = f" Did you mean '{near[0]}'?" if near else ""
-            raise ValueError(
-                f"unknown option '{key}' in model spec field 'options' for backend '{backend}'; "
-                f"known: {', '.join(sorted(allowed)) or 'none'}.{hint}"
-            )
-        out[key] = value
-    return out

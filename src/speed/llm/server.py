@@ -48,11 +48,11 @@ import httpx
 from speed import hardware
 from speed.llm.base import Backend, BackendError, Completion, OnReady, Request, gather
 from speed.llm.openai_api import OpenAIBackend
-from speed.llm.registry import require_installed, spec_options
+from speed.llm.registry import require_installed
 from speed.models import cache_dir, resolve_gguf
 
 if TYPE_CHECKING:
-    from speed.config import ModelSpec
+    from speed.config import LlamaCppServerSpec
 
 logger = logging.getLogger(__name__)
 
@@ -391,7 +391,7 @@ class LlamaCppServerBackend(Backend):
 
     @classmethod
     def from_spec(
-        cls, spec: ModelSpec, *, threads: int | None = None, model_path: str | None = None
+        cls, spec: LlamaCppServerSpec, *, threads: int | None = None, model_path: str | None = None
     ) -> LlamaCppServerBackend:
         """Start a server for the spec's model (or ``model_path``)."""
         model = model_path or spec.model
@@ -399,7 +399,6 @@ class LlamaCppServerBackend(Backend):
             raise ValueError(
                 "model spec field 'model' is empty: backend 'llamacpp_server' needs a GGUF model"
             )
-        opts = spec_options(spec, _OPTIONS, "llamacpp_server")
         return cls(
             model,
             file=spec.file,
@@ -409,7 +408,7 @@ class LlamaCppServerBackend(Backend):
             concurrency=spec.concurrency,
             timeout_s=spec.timeout_s,
             max_retries=spec.max_retries,
-            **opts,
+            **spec.options.model_dump(),
         )
 
     @property

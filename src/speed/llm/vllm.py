@@ -10,8 +10,8 @@ Design choices:
   ``guided_decoding=GuidedDecodingParams(json=...)`` on older versions; with neither the schema is a
   hint and the parser validates.
 - ``vllm`` is imported only when this backend is chosen; without it, an install hint. Engine
-  arguments (``gpu_memory_utilization``, ``max_model_len``, ``tensor_parallel_size``...) pass through
-  ``options``.
+  arguments come from ``options`` (:class:`~speed.config.VLLMOptions`: the common ones typed and
+  checked when the config loads, any other in ``options.engine_args``).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from speed.llm.registry import require
 from speed.models import resolve_hf
 
 if TYPE_CHECKING:
-    from speed.config import ModelSpec
+    from speed.config import VLLMSpec
 
 logger = logging.getLogger(__name__)
 
@@ -101,14 +101,14 @@ class VLLMBackend(Backend):
 
     @classmethod
     def from_spec(
-        cls, spec: ModelSpec, *, threads: int | None = None, model_path: str | None = None
+        cls, spec: VLLMSpec, *, threads: int | None = None, model_path: str | None = None
     ) -> VLLMBackend:
         """Load the spec's model, or ``model_path`` (trained weights) on top of it."""
         model = model_path or spec.model
         if not model:
             raise ValueError("model spec field 'model' is empty: backend 'vllm' needs a model")
-        engine_args = dict(spec.options)
-        if spec.n_ctx and "max_model_len" not in engine_args:
+        engine_args = spec.options.to_engine_args()
+        if "max_model_len" not in engine_args:
             engine_args["max_model_len"] = spec.n_ctx
         return cls(
             model,

@@ -270,6 +270,29 @@ def generate_all(
     return [c for c in out if c is not None]
 
 
+def role_model(ctx: StageContext, role: str) -> str:
+    """What transformers loads as ``role``'s weights in this stage: the folder its training stage
+    left in the run when this stage reads that stage (:meth:`StageContext.weights`), else the spec's
+    ``model`` resolved (a packaged name converted once to a folder, a local folder, a hub name).
+
+    Raises:
+        StageError: the trained folder holds no model, or the spec names no model.
+    """
+    from speed.config import LocalSpec
+    from speed.models import resolve_hf
+
+    trained = ctx.weights(role)
+    if trained is not None:
+        return str(trained)
+    spec = getattr(ctx.cfg.models, role)
+    if not spec.model:
+        raise StageError(
+            f"stage '{ctx.name}': models.{role}.model is not set; name the base model to fine-tune "
+            "(a packaged name such as smollm2-135m-instruct, a folder or a hub name)"
+        )
+    return resolve_hf(spec.model, file=spec.file if isinstance(spec, LocalSpec) else None)
+
+
 def free_local_models(
     ctx: StageContext, roles: Iterable[str] = ("teacher", "junior", "senior", "revisor")
 ) -> None:

@@ -49,9 +49,7 @@ class Candidates(Stage):
             task_pool(require_rows(ctx, "brainstorm", ("kind", "task"))), mix_kinds(ctx.cfg), "candidates"
         )
         require_rows(ctx, "seed", ("prompt",))
-        merged = ctx.input("junior") / "merged"
-        if not (merged / "config.json").is_file():
-            raise StageError(f"stage 'candidates': no merged junior model in {merged}; rerun 'junior'")
+        ctx.weights("junior")  # the trained junior, as this stage reads 'junior'
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
         from speed.data.filters import DropCounter
@@ -74,7 +72,7 @@ class Candidates(Stage):
             )
             for i, p in enumerate(prompts)
         ]
-        llm = ctx.llm("junior", model_path=ctx.input("junior") / "merged")
+        llm = ctx.llm("junior")  # the trained junior (ctx.weights)
         comps = generate_all(ctx, llm, requests, "candidate lists")
         ctx.session.release("junior")
 

@@ -3,7 +3,7 @@
 Each seed row becomes (generation prompt -> the example as compact JSON, keys in schema order), so
 the junior learns to answer a generation prompt with the JSON object alone. The base model is
 ``models.junior.model``: a packaged name (converted once to a transformers folder by
-:func:`speed.models.resolve_hf`), a local folder or a hub name.
+:func:`speed.models.resolve_hf`), a local folder or a hub name (:func:`speed.stages.alignment.role_model`).
 
 Output: ``adapter/`` (the LoRA adapter), ``merged/`` (the base with the adapter merged in: what the
 candidates stage generates with and what the senior starts from), ``train_result.json`` (per-step
@@ -17,7 +17,7 @@ from abc import abstractmethod
 from typing import Any, ClassVar
 
 from speed.runner import Stage, StageContext, register
-from speed.stages.alignment import free_local_models, require_rows
+from speed.stages.alignment import free_local_models, require_rows, role_model
 
 logger = logging.getLogger(__name__)
 
@@ -27,24 +27,6 @@ def sft_rows(seed_rows: list[dict[str, Any]]) -> list[dict[str, str]]:
     from speed.tasks import example_json
 
     return [{"prompt": r["prompt"], "completion": example_json(r["example"])} for r in seed_rows]
-
-
-def base_model(ctx: StageContext, role: str) -> str:
-    """The transformers folder (or hub name) of a role's base model.
-
-    Raises:
-        StageError: the role's spec names no model.
-    """
-    from speed.models import resolve_hf
-    from speed.runner import StageError
-
-    spec = getattr(ctx.cfg.models, role)
-    if not spec.model:
-        raise StageError(
-            f"stage '{ctx.name}': models.{role}.model is not set; name the base model to fine-tune "
-            "(a packaged name such as smollm2-135m-instruct, a folder or a hub name)"
-        )
-    return resolve_hf(spec.model, file=spec.file)
 
 
 class SFTStage(Stage):
@@ -59,14 +41,14 @@ class SFTStage(Stage):
 
     def check(self, ctx: StageContext) -> None:
         require_rows(ctx, self.reads[0], self.fields)
-        base_model(ctx, self.roles[0])
+        role_model(ctx, self.roles[0])
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
         from speed.training.sft import train_sft
 
         role = self.roles[0]
         rows = self.training_rows(require_rows(ctx, self.reads[0], self.fields))
-        base = base_model(ctx, role)
+        base = role_model(ctx, role)
         free_local_models(ctx)
         spec = getattr(ctx.cfg.models, role)
         result = train_sft(

@@ -66,9 +66,7 @@ class Revisions(Stage):
         check_pool(
             task_pool(require_rows(ctx, "brainstorm", ("kind", "task"))), mix_kinds(ctx.cfg), "revisions"
         )
-        merged = ctx.input("senior") / "merged"
-        if not (merged / "config.json").is_file():
-            raise StageError(f"stage 'revisions': no merged senior model in {merged}; rerun 'senior'")
+        ctx.weights("senior")  # the trained senior, as this stage reads 'senior'
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
         from speed.data.filters import DropCounter, first_failure
@@ -84,7 +82,7 @@ class Revisions(Stage):
 
         # 1. the senior writes
         sspec = ctx.cfg.models.senior
-        senior = ctx.llm("senior", model_path=ctx.input("senior") / "merged")
+        senior = ctx.llm("senior")  # the trained senior (ctx.weights)
         outputs = generate_all(
             ctx,
             senior,

@@ -12,8 +12,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from speed.runner import Stage, StageContext, StageError, register
-from speed.stages.alignment import free_local_models, require_rows
+from speed.runner import Stage, StageContext, register
+from speed.stages.alignment import free_local_models, require_rows, role_model
 
 logger = logging.getLogger(__name__)
 
@@ -27,9 +27,7 @@ class Senior(Stage):
 
     def check(self, ctx: StageContext) -> None:
         require_rows(ctx, "judge", ("prompt", "chosen", "rejected"))
-        merged = ctx.input("junior") / "merged"
-        if not (merged / "config.json").is_file():
-            raise StageError(f"stage 'senior': no merged junior model in {merged}; rerun 'junior'")
+        role_model(ctx, "junior")  # the trained junior, as this stage reads 'junior'
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
         from speed.training.dpo import train_dpo
@@ -38,7 +36,7 @@ class Senior(Stage):
         rows = [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in pairs]
         free_local_models(ctx)
         result = train_dpo(
-            ctx.input("junior") / "merged",
+            role_model(ctx, "junior"),
             rows,
             ctx.cfg.senior,
             ctx.out,

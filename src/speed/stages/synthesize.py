@@ -207,8 +207,7 @@ class SynthesisWorker(Worker):
 
     Args:
         env: where the models come from.
-        senior_path: the senior's merged model folder.
-        revisor_path: the revisor's merged model folder, or None for no revision pass.
+        revise: run the revisor over the senior's outputs.
         senior_sampling: ``temperature``, ``top_p``, ``max_tokens`` of the senior.
         revisor_sampling: the same for the revisor.
         pool: brainstormed tasks per kind.
@@ -221,8 +220,7 @@ class SynthesisWorker(Worker):
         self,
         env: WorkerEnv,
         *,
-        senior_path: str,
-        revisor_path: str | None,
+        revise: bool,
         senior_sampling: Mapping[str, Any],
         revisor_sampling: Mapping[str, Any],
         pool: Mapping[str, Sequence[str]],
@@ -233,8 +231,9 @@ class SynthesisWorker(Worker):
         from speed.stages.alignment import build_filters
 
         super().__init__(env)
-        self.senior = env.llm("senior", senior_path)
-        self.revisor = env.llm("revisor", revisor_path) if revisor_path else None
+        # the env resolves the trained senior's and revisor's folders, on the driver or a Ray actor
+        self.senior = env.llm("senior")
+        self.revisor = env.llm("revisor") if revise else None
         self.senior_sampling = dict(senior_sampling)
         self.revisor_sampling = dict(revisor_sampling)
         self.pool = pool
@@ -354,15 +353,6 @@ class Synthesize(Stage):
 
     # -- inputs --------------------------------------------------------------------------------
 
-    @staticmethod
-    def model_dir(ctx: StageContext, stage: str) -> Path:
-        """The merged model folder an upstream stage wrote (transformers files, or a GGUF put
-        beside them for the llama.cpp backends)."""
-        path = ctx.input(stage) / MERGED
-        if not ((path / "config.json").is_file() or any(path.glob("*.gguf"))):
-            raise StageError(f"stage 'synthesize': no merged {stage} model in {path}; rerun '{stage}'")
-        return path
-
     def pool(self, ctx: StageContext) -> dict[str, list[str]]:
         pool = task_pool(require_rows(ctx, "brainstorm", ("kind", "task")))
         wanted = [k for k, w in ctx.cfg.synthesize.kind_mix.items() if w > 0]
@@ -391,9 +381,9 @@ class Synthesize(Stage):
 
     def check(self, ctx: StageContext) -> None:
         self.pool(ctx)
-        self.model_dir(ctx, "senior")
+        ctx.weights("senior")  # the trained senior and revisor, as this stage reads their stages
         if ctx.cfg.synthesize.revise:
-            self.model_dir(ctx, "revisor")
+            ctx.weights("revisor")
         if ctx.cfg.synthesize.decontaminate and ctx.cfg.evaluate.tasks:
             from speed.data.decontam import find_eval_dir, resolve_eval_folders
 
@@ -449,8 +439,7 @@ class Synthesize(Stage):
         factory = WorkerFactory(
             SynthesisWorker,
             {
-                "senior_path": str(self.model_dir(ctx, "senior")),
-                "revisor_path": str(self.model_dir(ctx, "revisor")) if scfg.revise else None,
+                "revise": scfg.revise,
                 "senior_sampling": {
                     "temperature": spec_s.temperature,
                     "top_p": spec_s.top_p,
