@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from speed.io import read_rows
+from speed.suggest import did_you_mean
 
 logger = logging.getLogger(__name__)
 
@@ -179,10 +180,7 @@ def export_run(
         export_run("runs/quickstart", "sentence-transformers", "exports/st")
     """
     if fmt not in FORMATS:
-        import difflib
-
-        near = difflib.get_close_matches(fmt, FORMATS, n=1)
-        hint = f" Did you mean '{near[0]}'?" if near else ""
+        hint = did_you_mean(fmt, FORMATS)
         raise ExportError(f"unknown export format '{fmt}'.{hint} Formats: {', '.join(FORMATS)}")
     rows = load_synthesized(run_dir, stage)
     out = Path(out)

@@ -28,7 +28,6 @@ Design choices:
 from __future__ import annotations
 
 import contextlib
-import difflib
 import fcntl
 import hashlib
 import importlib
@@ -43,6 +42,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+
+from speed.suggest import did_you_mean
 
 logger = logging.getLogger(__name__)
 
@@ -317,8 +318,7 @@ def _packaged_gguf(model: PackagedModel, cache: Path) -> Path:
 
 
 def _near(name: str) -> str:
-    near = difflib.get_close_matches(name, list(PACKAGED), n=1, cutoff=0.6)
-    return f" Did you mean the packaged model '{near[0]}'?" if near else ""
+    return did_you_mean(name, PACKAGED, what="the packaged model ")
 
 
 def resolve_gguf(

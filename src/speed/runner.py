@@ -42,6 +42,7 @@ from speed.config import ConfigError, ModelSpec, SpeedConfig
 from speed.io import read_json, write_json
 from speed.ledger import Ledger, LedgeredBackend
 from speed.llm.base import Backend
+from speed.suggest import did_you_mean
 
 logger = logging.getLogger(__name__)
 
@@ -188,13 +189,10 @@ class StageStatus:
 
 def order_stages(cfg: SpeedConfig, registry: dict[str, type[Stage]]) -> list[type[Stage]]:
     """The configured stages in dependency order; errors name unknown or missing stages."""
-    import difflib
-
     names = cfg.pipeline.stages if cfg.pipeline.stages is not None else list(registry)
     for n in names:
         if n not in registry:
-            near = difflib.get_close_matches(n, list(registry), n=1)
-            hint = f" Did you mean '{near[0]}'?" if near else ""
+            hint = did_you_mean(n, registry)
             raise ConfigError(f"pipeline.stages: unknown stage '{n}'.{hint} Known: {', '.join(registry)}")
     chosen = {n: registry[n] for n in names}
     for cls in chosen.values():
@@ -404,10 +402,7 @@ class Runner:
         names = [c.name for c in self.stages]
         for flag, value in (("--only", only), ("--until", until)):
             if value is not None and value not in names:
-                import difflib
-
-                near = difflib.get_close_matches(value, names, n=1)
-                hint = f" Did you mean '{near[0]}'?" if near else ""
+                hint = did_you_mean(value, names)
                 raise ConfigError(
                     f"{flag}: no stage '{value}' in this pipeline.{hint} Stages: {', '.join(names)}"
                 )

@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
+from speed.suggest import did_you_mean
+
 if TYPE_CHECKING:
     from speed.tasks.base import TaskKind
 
@@ -319,8 +321,7 @@ def language_code(language: str) -> str:
         return LANGUAGE_CODES[key]
     if re.fullmatch(r"[a-z]{2,3}", key):
         return key
-    near = difflib.get_close_matches(key, list(LANGUAGE_CODES), n=2, cutoff=0.6)
-    hint = f" Did you mean {' or '.join(repr(n.title()) for n in near)}?" if near else ""
+    hint = did_you_mean(key, LANGUAGE_CODES, n=2, show=str.title)
     raise ValueError(
         f"language '{language}' has no detector code; write its ISO 639-1 code (e.g. 'de') "
         f"or one of the names in speed.data.filters.LANGUAGE_CODES.{hint}"

@@ -23,7 +23,6 @@ Design choices:
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 import logging
@@ -39,6 +38,7 @@ from typing import Any, ClassVar, Generic, TypeVar, cast
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from speed.data.parsing import ParseResult, parse_json
+from speed.suggest import did_you_mean
 
 logger = logging.getLogger(__name__)
 
@@ -79,8 +79,7 @@ def template_path(name: str) -> Path:
     path = TEMPLATE_DIR / f"{name}.txt"
     if not path.is_file():
         known = list_templates()
-        near = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
-        hint = f" Did you mean {', '.join(repr(n) for n in near)}?" if near else ""
+        hint = did_you_mean(name, known, n=3, cutoff=0.5)
         raise TemplateError(f"no prompt template '{name}' in {TEMPLATE_DIR}.{hint}")
     return path
 
@@ -442,8 +441,7 @@ def get_kind(name: str) -> TaskKind:
     try:
         return _KINDS[name]
     except KeyError:
-        near = difflib.get_close_matches(name, list(_KINDS), n=2, cutoff=0.5)
-        hint = f" Did you mean {' or '.join(repr(n) for n in near)}?" if near else ""
+        hint = did_you_mean(name, _KINDS, n=2, cutoff=0.5)
         raise UnknownKindError(
             f"unknown task kind '{name}'; known kinds: {', '.join(_KINDS)}.{hint}"
         ) from None
