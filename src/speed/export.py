@@ -38,6 +38,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+from speed.formats import parse_query
 from speed.io import read_rows
 from speed.suggest import did_you_mean
 
@@ -84,11 +85,7 @@ def _bare_query(row: dict[str, Any]) -> str:
     text = row.get("query_text")
     if text:
         return str(text)
-    query = str(row["query"])
-    marker = "\nQuery: "
-    if query.startswith("Instruct: ") and marker in query:
-        return query.split(marker, 1)[1]
-    return query
+    return parse_query(str(row["query"]))[1]
 
 
 def to_sentence_transformers(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, list[str]]]:

@@ -10,7 +10,6 @@ Public entry points:
 Importing this package does not import mteb or torch; they load on first use.
 """
 
-from speed.evaluation.instructions import format_query, instruction_prefix
 from speed.evaluation.mteb_eval import evaluate_model, load_embedder
 from speed.evaluation.registry import (
     INSTRUCTIONS,
@@ -23,6 +22,7 @@ from speed.evaluation.registry import (
 )
 from speed.evaluation.results import category_averages, markdown_table, write_results
 from speed.evaluation.scale import fit_log_linear, plot_scale, scale_study
+from speed.formats import format_query, instruction_prefix
 
 __all__ = [
     "INSTRUCTIONS",

@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from speed.config import EmbedConfig
+from speed.formats import format_query
 from speed.models import resolve_hf
 
 logger = logging.getLogger(__name__)
@@ -136,8 +137,6 @@ def prepare_rows(
     Returns:
         The usable rows; the others are counted in ``dropped``.
     """
-    from speed.evaluation.instructions import format_query
-
     dropped = dropped if dropped is not None else Counter()
     out: list[dict[str, str]] = []
     for row in rows:
@@ -155,7 +154,7 @@ def prepare_rows(
         negative = _first(row, NEGATIVE_FIELDS)
         instruction = _first(row, INSTRUCTION_FIELDS) if use_instructions else None
         item = {
-            "anchor": format_query(instruction if isinstance(instruction, str) else None, query.strip()),
+            "anchor": format_query(instruction if isinstance(instruction, str) else None, query),
             "positive": positive.strip(),
             "source": source,
         }
