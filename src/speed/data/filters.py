@@ -27,16 +27,43 @@ from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Collection, Iterable, Mapping
 from functools import cache
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from pydantic import BaseModel
 
 from speed.suggest import did_you_mean
 
-if TYPE_CHECKING:
-    from speed.tasks.base import TaskKind
-
 logger = logging.getLogger(__name__)
+
+
+class KindShape(Protocol):
+    """What a filter reads of a task kind: its fields and what its prompt asked for.
+
+    :class:`speed.tasks.TaskKind` has this shape. Filters name the shape rather than the class so that
+    ``speed.data`` stays below ``speed.tasks`` (the task kinds parse with :mod:`speed.data.parsing`).
+    """
+
+    @property
+    def query_field(self) -> str: ...
+
+    @property
+    def positive_field(self) -> str: ...
+
+    @property
+    def negative_field(self) -> str | None: ...
+
+    def fields(self) -> tuple[str, ...]:
+        """The example's field names."""
+        ...
+
+    def requested_words(self, attributes: Mapping[str, Any]) -> dict[str, int]:
+        """Field -> the number of words the prompt asked for."""
+        ...
+
+    def field_languages(self, attributes: Mapping[str, Any]) -> dict[str, str]:
+        """Field -> the language the prompt asked it in."""
+        ...
+
 
 _WORD = re.compile(r"[^\W_]+")
 
@@ -121,7 +148,7 @@ class Filter(ABC):
     name: str = "filter"
 
     @abstractmethod
-    def check(self, fields: Fields, kind: TaskKind, attributes: Mapping[str, Any]) -> str | None:
+    def check(self, fields: Fields, kind: KindShape, attributes: Mapping[str, Any]) -> str | None:
         """None to keep the example, else a short detail of why it is dropped."""
 
     def __repr__(self) -> str:
@@ -140,7 +167,7 @@ class EmptyField(Filter):
 
     name = "empty_field"
 
-    def check(self, fields: Fields, kind: TaskKind, attributes: Mapping[str, Any]) -> str | None:
+    def check(self, fields: Fields, kind: KindShape, attributes: Mapping[str, Any]) -> str | None:
         for field in kind.fields():
             if not _text(fields, field).strip():
                 return f"field '{field}' is empty"
@@ -161,7 +188,7 @@ class PlaceholderText(Filter):
 
     name = "placeholder_text"
 
-    def check(self, fields: Fields, kind: TaskKind, attributes: Mapping[str, Any]) -> str | None:
+    def check(self, fields: Fields, kind: KindShape, attributes: Mapping[str, Any]) -> str | None:
         names = {f.casefold() for f in kind.fields()}
         for field in kind.fields():
             text = _text(fields, field).strip()
@@ -180,7 +207,7 @@ class Repetitive(Filter):
         self.min_unique = min_unique
         self.min_words = min_words
 
-    def check(self, fields: Fields, kind: TaskKind, attributes: Mapping[str, Any]) -> str | None:
+    def check(self, fields: Fields, kind: KindShape, attributes: Mapping[str, Any]) -> str | None:
         for field in kind.fields():
             tokens = words(_text(fields, field))
             if len(tokens) < self.min_words:
@@ -206,7 +233,7 @@ class TooShort(Filter):
             raise ValueError(f"min_ratio must be in (0, 1], got {min_ratio}")
         self.min_ratio = min_ratio
 
-    def check(self, fields: Fields, kind: TaskKind, attributes: Mapping[str, Any]) -> str | None:
+    def check(self, fields: Fields, kind: KindShape, attributes: Mapping[str, Any]) -> str | None:
         for field, requested in kind.requested_words(attributes).items():
             n = len(words(_text(fields, field)))
             if n < self.min_ratio * requested:
@@ -226,7 +253,7 @@ class QueryInDocument(Filter):
     def __init__(self, min_query_words: int = 5) -> None:
         self.min_query_words = min_query_words
 
-    def check(self, fields: Fields, kind: TaskKind, attributes: Mapping[str, Any]) -> str | None:
+    def check(self, fields: Fields, kind: KindShape, attributes: Mapping[str, Any]) -> str | None:
         query = words(_text(fields, kind.query_field))
         if len(query) < self.min_query_words:
             return None
@@ -272,7 +299,7 @@ class TooSimilar(Filter):
                 raise ValueError(f"field role '{role}' is not one of {roles}")
         self.first, self.second, self.name, self.threshold = first, second, name, threshold
 
-    def check(self, fields: Fields, kind: TaskKind, attributes: Mapping[str, Any]) -> str | None:
+    def check(self, fields: Fields, kind: KindShape, attributes: Mapping[str, Any]) -> str | None:
         a_field = getattr(kind, f"{self.first}_field")
         b_field = getattr(kind, f"{self.second}_field")
         if a_field is None or b_field is None:
@@ -360,7 +387,7 @@ class WrongLanguage(Filter):
         self.min_prob = min_prob
         self.min_chars = min_chars
 
-    def check(self, fields: Fields, kind: TaskKind, attributes: Mapping[str, Any]) -> str | None:
+    def check(self, fields: Fields, kind: KindShape, attributes: Mapping[str, Any]) -> str | None:
         groups: dict[str, list[str]] = {}
         for field, language in kind.field_languages(attributes).items():
             groups.setdefault(language, []).append(_text(fields, field))
@@ -388,7 +415,7 @@ class LabelNotAllowed(Filter):
         self.allowed = None if allowed is None else {a.strip().casefold() for a in allowed}
         self.fields = tuple(fields)
 
-    def check(self, fields: Fields, kind: TaskKind, attributes: Mapping[str, Any]) -> str | None:
+    def check(self, fields: Fields, kind: KindShape, attributes: Mapping[str, Any]) -> str | None:
         allowed = self.allowed
         if allowed is None and attributes.get("labels"):
             allowed = {str(a).strip().casefold() for a in attributes["labels"]}
@@ -434,7 +461,7 @@ def default_filters(
 
 def first_failure(
     example: BaseModel | Fields,
-    kind: TaskKind,
+    kind: KindShape,
     attributes: Mapping[str, Any],
     filters: Iterable[Filter],
     counter: DropCounter | None = None,

@@ -29,7 +29,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from speed.io import read_json
+from speed.io import iter_jsonl, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -225,22 +225,10 @@ def iter_stage_rows(folder: Path, warnings: _Warnings) -> Iterator[dict[str, Any
     """
     jsonl = folder / "data.jsonl"
     if jsonl.exists():
-        bad = 0
-        with open(jsonl, encoding="utf-8", errors="replace") as fh:
-            for line in fh:
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    bad += 1
-                    continue
-                if isinstance(row, dict):
-                    yield row
-                else:
-                    bad += 1
+        bad: Counter[str] = Counter()
+        yield from iter_jsonl(jsonl, skipped=bad)
         if bad:
-            warnings.add(f"{jsonl}: {bad} malformed lines skipped")
+            warnings.add(f"{jsonl}: {sum(bad.values())} malformed lines skipped")
         return
     shards = sorted(folder.glob("**/*.parquet"))
     if not shards:

@@ -49,6 +49,7 @@ from typing import Any
 
 from speed.config import EmbedConfig
 from speed.formats import format_query
+from speed.io import read_jsonl
 from speed.models import resolve_hf
 
 logger = logging.getLogger(__name__)
@@ -176,18 +177,10 @@ def read_jsonl_rows(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     p = Path(path)
     if not p.is_file():
         raise EmbedDataError(f"embed.extra_data: file '{p}' not found; list JSONL files of training rows")
-    out = []
-    with p.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise EmbedDataError(
-                    f"embed.extra_data: {p}:{lineno} is not valid JSON ({err.msg})"
-                ) from None
-    return out
+    try:
+        return read_jsonl(p, error=EmbedDataError)
+    except EmbedDataError as err:
+        raise EmbedDataError(f"embed.extra_data: {err}") from None
 
 
 def _datasets(rows: list[dict[str, str]]) -> Any:
