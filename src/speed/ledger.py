@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from speed.io import read_json
 from speed.llm.base import Backend, Completion, OnReady, Request, gather
 
 logger = logging.getLogger(__name__)
@@ -340,3 +341,62 @@ class LedgeredBackend(Backend):
 
     def close(self) -> None:
         self.backend.close()
+
+
+# --------------------------------------------------------------------------------------------
+# labels and sums a run reads from its ledger
+
+
+def ledger_model_id(run_dir: str | Path, model_path: str | Path | None) -> str | None:
+    """The ledger label of weights: ``run:<relative path>@<key>`` inside the run, else the path.
+
+    The key is that of the stage that trained the weights (its manifest's), so a retrained model
+    under the same folder is asked anew, never answered from the old weights' calls; the relative
+    path lets a copied run replay on another machine. Returns None when ``model_path`` is None (the
+    backend's own ``model_id`` is used then).
+    """
+    if model_path is None:
+        return None
+    run = Path(run_dir).resolve()
+    try:
+        rel = Path(model_path).resolve().relative_to(run)
+    except ValueError:
+        return str(model_path)
+    manifest = run / rel.parts[0] / "manifest.json"
+    key = json.loads(manifest.read_text(encoding="utf-8")).get("key") if manifest.is_file() else None
+    return f"run:{rel}" + (f"@{key}" if key else "")
+
+
+def cost_summary(run_dir: Path) -> dict[str, Any]:
+    """Teacher calls and tokens per stage, and teacher calls per final example.
+
+    A finished stage counts the calls its output was made from (sent or replayed; the ledger's
+    ``uses``), so an earlier run of the stage under another config does not inflate it; a stage
+    still running counts what it sent so far. ``teacher_ledger_total`` is every teacher call the
+    ledger holds, superseded runs included: what the run directory has cost.
+    """
+    ledger = Ledger(run_dir / "ledger.sqlite")
+    try:
+        per_stage: dict[str, Totals] = {}
+        for (stage, role), spent in ledger.breakdown().items():
+            if role != "teacher":
+                continue
+            manifest = run_dir / stage / "manifest.json"
+            key = read_json(manifest).get("key") if manifest.exists() else None
+            # runs made before the ledger noted uses have none: count all of the stage's calls
+            per_stage[stage] = (ledger.usage(key).get("teacher") if key else None) or spent
+        everything = ledger.totals(role="teacher").to_dict()
+    finally:
+        ledger.close()
+    total = Totals(*(sum(getattr(t, f) for t in per_stage.values()) for f in Totals.__dataclass_fields__))
+    final = None
+    m = run_dir / "synthesize" / "manifest.json"
+    if m.exists():
+        final = read_json(m).get("stats", {}).get("count")
+    return {
+        "teacher_by_stage": {stage: t.to_dict() for stage, t in per_stage.items()},
+        "teacher_total": total.to_dict(),
+        "teacher_ledger_total": everything,
+        "final_examples": final,
+        "teacher_calls_per_example": (total.calls / final) if final else None,
+    }

@@ -40,7 +40,7 @@ from pydantic import BaseModel
 from speed import __version__
 from speed.config import ConfigError, ModelSpec, SpeedConfig
 from speed.io import read_json, write_json
-from speed.ledger import Ledger, LedgeredBackend
+from speed.ledger import Ledger, LedgeredBackend, ledger_model_id
 from speed.llm.base import Backend
 from speed.suggest import did_you_mean
 
@@ -329,8 +329,6 @@ class RunSession:
     def llm(
         self, role: str, stage: str, model_path: str | Path | None = None, stage_key: str | None = None
     ) -> LedgeredBackend:
-        from speed.executors.base import ledger_model_id
-
         spec: ModelSpec = getattr(self.cfg.models, role)
         path = str(model_path) if model_path is not None else None
         cache_key = (role, path)

@@ -16,13 +16,12 @@ Design choices:
   The stage, on the driver, writes what a shard returns: a worker never writes into the run folder,
   which therefore needs no shared filesystem for outputs.
 - The ledger label of weights trained in the run is their path relative to the run directory
-  (:func:`ledger_model_id`, the rule of :meth:`speed.runner.RunSession.llm`), so a Ray worker and the
+  (:func:`speed.ledger.ledger_model_id`, the rule of :meth:`speed.runner.RunSession.llm`), so a Ray worker and the
   local process key the same request the same way and replay each other's answers.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
@@ -145,23 +144,3 @@ def check_shard_ids(shards: Sequence[Shard]) -> None:
         if shard.id in seen:
             raise ValueError(f"shard id '{shard.id}' is used twice; give every shard a unique id")
         seen.add(shard.id)
-
-
-def ledger_model_id(run_dir: str | Path, model_path: str | Path | None) -> str | None:
-    """The ledger label of weights: ``run:<relative path>@<key>`` inside the run, else the path.
-
-    The key is that of the stage that trained the weights (its manifest's), so a retrained model
-    under the same folder is asked anew, never answered from the old weights' calls; the relative
-    path lets a copied run replay on another machine. Returns None when ``model_path`` is None (the
-    backend's own ``model_id`` is used then).
-    """
-    if model_path is None:
-        return None
-    run = Path(run_dir).resolve()
-    try:
-        rel = Path(model_path).resolve().relative_to(run)
-    except ValueError:
-        return str(model_path)
-    manifest = run / rel.parts[0] / "manifest.json"
-    key = json.loads(manifest.read_text(encoding="utf-8")).get("key") if manifest.is_file() else None
-    return f"run:{rel}" + (f"@{key}" if key else "")

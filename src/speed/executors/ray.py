@@ -50,7 +50,6 @@ from speed.executors.base import (
     WorkerEnv,
     WorkerFactory,
     check_shard_ids,
-    ledger_model_id,
 )
 
 if TYPE_CHECKING:
@@ -141,7 +140,7 @@ class RayEnv(WorkerEnv):
         self._backends: dict[tuple[str, str | None], Any] = {}
 
     def llm(self, role: str, model_path: str | Path | None = None) -> LedgeredBackend:
-        from speed.ledger import Ledger, LedgeredBackend
+        from speed.ledger import Ledger, LedgeredBackend, ledger_model_id
         from speed.llm import load_backend
 
         spec = getattr(self.cfg.models, role)

@@ -8,7 +8,7 @@ fails at the end of a long one.
 Design choices:
 - The stage list follows the run's own config when the runner can plan it (so that a stage can be
   shown as ``stale``); otherwise the paper's stage order, then any other finished stage folder.
-- Teacher costs come from the SQLite ledger through :func:`speed.cli.cost_summary`, the same numbers
+- Teacher costs come from the SQLite ledger through :func:`speed.ledger.cost_summary`, the same numbers
   ``speed cost`` prints. The ledger is only opened when it exists (opening creates it).
 - The teacher-only comparison is E5-style generation: one teacher call per final example, each
   costing the mean teacher tokens (in and out) of this run's seed calls, which ask the teacher for
@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from speed.io import iter_jsonl, read_json
+from speed.ledger import cost_summary
 
 logger = logging.getLogger(__name__)
 
@@ -177,8 +178,6 @@ def collect_costs(run_dir: Path, warnings: _Warnings) -> dict[str, Any]:
     if not (run_dir / "ledger.sqlite").exists():
         return empty
     try:
-        from speed.cli import cost_summary
-
         cost = dict(cost_summary(run_dir))
     except Exception as err:
         warnings.add(f"cannot read the call ledger {run_dir / 'ledger.sqlite'} ({err}); costs left out")
