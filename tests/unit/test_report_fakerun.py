@@ -33,7 +33,6 @@ CALLS = [
 TEACHER_CALLS = 4 + 10 + 5 + 5
 TEACHER_TOKENS = 4 * 200 + 10 * 500 + 5 * 1260 + 5 * 720
 DURATIONS = {
-    "topics": 0.2,
     "brainstorm": 12.5,
     "seed": 64.0,
     "junior": 410.0,

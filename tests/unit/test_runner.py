@@ -200,3 +200,14 @@ def test_weights_trained_in_the_run_are_named_by_their_stage_key(tmp_path):
     # retrained weights in the same folder get another id, so old answers are never replayed for them
     assert ledger_model_id(tmp_path, tmp_path / "junior" / "merged") == "run:junior/merged@abc123"
     assert ledger_model_id(tmp_path, "/elsewhere/model") == "/elsewhere/model"
+
+
+def test_builtin_stage_order_is_the_registry_in_dependency_order() -> None:
+    from speed.runner import builtin_stage_order, load_stages
+
+    order = builtin_stage_order()
+    registry = load_stages()
+    assert sorted(order) == sorted(registry)  # every built-in stage once, and nothing else
+    for name in order:
+        for up in registry[name].reads:
+            assert order.index(up) < order.index(name), f"{name} comes before {up}, which it reads"

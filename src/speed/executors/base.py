@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from speed.ledger import LedgeredBackend
-    from speed.runner import StageContext
+    from speed.stage import StageContext
 
 logger = logging.getLogger(__name__)
 

@@ -56,7 +56,7 @@ if TYPE_CHECKING:
     from speed.config import SpeedConfig
     from speed.ledger import LedgeredBackend
     from speed.llm.base import Completion, Request
-    from speed.runner import StageContext
+    from speed.stage import StageContext
 
 logger = logging.getLogger(__name__)
 

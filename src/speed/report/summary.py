@@ -7,7 +7,8 @@ fails at the end of a long one.
 
 Design choices:
 - The stage list follows the run's own config when the runner can plan it (so that a stage can be
-  shown as ``stale``); otherwise the paper's stage order, then any other finished stage folder.
+  shown as ``stale``); otherwise the built-in stages in the runner's order
+  (:func:`speed.runner.builtin_stage_order`), then any other finished stage folder.
 - Teacher costs come from the SQLite ledger through :func:`speed.ledger.cost_summary`, the same numbers
   ``speed cost`` prints. The ledger is only opened when it exists (opening creates it).
 - The teacher-only comparison is E5-style generation: one teacher call per final example, each
@@ -29,26 +30,12 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from speed.config import load_config
 from speed.io import iter_jsonl, read_json
 from speed.ledger import cost_summary
+from speed.runner import Runner, builtin_stage_order
 
 logger = logging.getLogger(__name__)
-
-#: Stage order of the pipeline (DESIGN.md), used when the run's config cannot be planned.
-STAGE_ORDER = (
-    "topics",
-    "brainstorm",
-    "seed",
-    "junior",
-    "candidates",
-    "judge",
-    "senior",
-    "revisions",
-    "revisor",
-    "synthesize",
-    "embed",
-    "evaluate",
-)
 
 #: Bump when a field of summary.json changes meaning.
 SUMMARY_VERSION = 1
@@ -84,9 +71,6 @@ def _planned_states(run_dir: Path) -> tuple[list[str], dict[str, str]] | None:
     if not cfg_path.exists():
         return None
     try:
-        from speed.config import load_config
-        from speed.runner import Runner
-
         cfg = load_config(cfg_path, [f"run.dir={run_dir}"])
         statuses = Runner(cfg).status()
     except Exception as err:  # any failure here only costs the 'stale' state
@@ -123,8 +107,9 @@ def collect_stages(run_dir: Path, warnings: _Warnings) -> list[dict[str, Any]]:
     if planned is None:
         # the paper's pipeline (stages not started yet are pending), then plugin stages; a run of
         # plugin stages only lists what it has
-        extra = sorted(known - set(STAGE_ORDER))
-        names = [*STAGE_ORDER, *extra] if known & set(STAGE_ORDER) else extra
+        order = builtin_stage_order()
+        extra = sorted(known - set(order))
+        names = [*order, *extra] if known & set(order) else extra
     else:
         # folders of stages the config no longer plans are still part of the run
         names = [*names, *sorted(known - set(names))]

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 from speed.config import ModelSpec, SpeedConfig
 from speed.io import read_rows
 from speed.llm.base import Completion, Request, Sampling
-from speed.runner import StageContext, StageError
+from speed.stage import StageContext, StageError
 
 if TYPE_CHECKING:
     from speed.data.filters import DropCounter, Filter

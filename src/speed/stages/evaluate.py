@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from speed.io import read_json, write_json
-from speed.runner import Stage, StageContext, register
+from speed.stage import Stage, StageContext, register
 
 logger = logging.getLogger(__name__)
 

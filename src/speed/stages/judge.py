@@ -43,7 +43,7 @@ from typing import Any
 from pydantic import model_validator
 
 from speed.io import write_jsonl
-from speed.runner import Stage, StageContext, StageError, register
+from speed.stage import Stage, StageContext, StageError, register
 from speed.stages.alignment import chat, generate_all, normalize, require_rows, sampling
 from speed.tasks.base import Judgement
 

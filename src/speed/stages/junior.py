@@ -16,7 +16,7 @@ import logging
 from abc import abstractmethod
 from typing import Any, ClassVar
 
-from speed.runner import Stage, StageContext, register
+from speed.stage import Stage, StageContext, register
 from speed.stages.alignment import free_local_models, require_rows
 
 logger = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ def base_model(ctx: StageContext, role: str) -> str:
         StageError: the role's spec names no model.
     """
     from speed.models import resolve_hf
-    from speed.runner import StageError
+    from speed.stage import StageError
 
     spec = getattr(ctx.cfg.models, role)
     if not spec.model:
