@@ -75,8 +75,8 @@ class Evaluate(Stage):
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
         from speed.evaluation import evaluate_model, resolve_task_names
-        from speed.evaluation.mteb_eval import resolve_precision
         from speed.paths import eval_data_dir
+        from speed.precision import resolve_precision
 
         section = ctx.cfg.evaluate
         spec = ctx.cfg.models.embedder

@@ -51,6 +51,7 @@ from speed.config import EmbedConfig
 from speed.formats import format_query
 from speed.io import read_jsonl
 from speed.models import resolve_hf
+from speed.precision import Chosen, choose_precision, device_name
 
 logger = logging.getLogger(__name__)
 
@@ -257,6 +258,17 @@ def append_eos(tokenizer: Any) -> bool:
     return ok
 
 
+def embed_precision(device: str | None) -> Chosen:
+    """The precision of embedding training on ``device`` (None: the automatic one).
+
+    The shared policy (:func:`speed.precision.choose_precision`, ``auto``) on a CUDA device; fp32 on
+    CPU even where the CPU has bf16 units, as this trainer has always done: ``embed`` has no
+    precision field to opt in with, and adding one would change every embed stage key.
+    """
+    on_gpu = device != "cpu" and device_name() == "cuda"
+    return choose_precision("auto", device or "cuda") if on_gpu else "fp32"
+
+
 def build_model(
     model: str | os.PathLike[str],
     cfg: EmbedConfig,
@@ -316,11 +328,10 @@ def build_model(
             cfg.max_length, getattr(hf_config, "max_position_embeddings", cfg.max_length) or cfg.max_length
         )
         model_kwargs: dict[str, Any] = {}
-        if device != "cpu":
+        if info["decoder"] and embed_precision(device) == "bf16":
             import torch
 
-            if torch.cuda.is_available() and torch.cuda.is_bf16_supported() and info["decoder"]:
-                model_kwargs["dtype"] = torch.bfloat16
+            model_kwargs["dtype"] = torch.bfloat16
         transformer = Transformer(path, max_seq_length=max_len, model_kwargs=model_kwargs)
         tokenizer = transformer.tokenizer
         if tokenizer.pad_token is None:
@@ -522,7 +533,7 @@ def train_embedder(
     if logging_steps is None:
         logging_steps = max(1, planned // 200)
     use_cpu = device == "cpu" or not torch.cuda.is_available()
-    bf16 = (not use_cpu) and torch.cuda.is_bf16_supported()
+    bf16 = embed_precision(device) == "bf16"
 
     start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="speed-embed-") as tmp:

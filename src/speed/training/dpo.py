@@ -26,12 +26,11 @@ from pathlib import Path
 from typing import Any
 
 from speed.config import DPOConfig
+from speed.precision import choose_precision, device_name
 from speed.training.common import (
     TrainingInputError,
     TrainResult,
     check_rows,
-    choose_precision,
-    device_name,
     drop_long_prompts,
     load_causal_lm,
     load_tokenizer,

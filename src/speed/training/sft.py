@@ -33,11 +33,10 @@ from pathlib import Path
 from typing import Any
 
 from speed.config import SFTConfig
+from speed.precision import choose_precision, device_name
 from speed.training.common import (
     TrainResult,
     check_rows,
-    choose_precision,
-    device_name,
     drop_long_prompts,
     load_causal_lm,
     load_tokenizer,
