@@ -216,8 +216,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_scale_study(args: argparse.Namespace) -> int:
-    from speed.evaluation.scale import scale_study
     from speed.io import read_rows
+    from speed.scale import scale_study
 
     cfg, run_dir = _load_run(args.run)
     synth = run_dir / "synthesize"

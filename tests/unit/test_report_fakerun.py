@@ -56,7 +56,7 @@ SCORES = {
     "Banking77Classification": ("Classification", "accuracy", 0.70, 0.79),
 }
 
-#: what speed.evaluation.scale.scale_study writes (the fields the report reads)
+#: what speed.scale.scale_study writes (the fields the report reads)
 SCALE_STUDY = {
     "model": "all-MiniLM-L6-v2",
     "tasks": list(SCORES),

@@ -441,7 +441,7 @@ def find_plots(run_dir: Path) -> list[Path]:
 
 def collect_scale(run_dir: Path, warnings: _Warnings) -> dict[str, Any] | None:
     """Points and log-linear fit of a scale study (``scale_study.json`` of
-    :func:`speed.evaluation.scale.scale_study`), when the run holds one."""
+    :func:`speed.scale.scale_study`), when the run holds one."""
     paths = sorted(p for p in run_dir.glob("**/scale_study.json") if _outside_work(run_dir, p))
     if not paths:
         return None
