@@ -50,6 +50,12 @@ logger = logging.getLogger(__name__)
 _LOG_EVERY_S = 10.0
 
 
+#: cap on the reason of the judge (and of the teacher's revision) under constrained decoding: a
+#: small model can loop inside the string until max_tokens cuts the JSON before the verdict. Here,
+#: not in judge.py, because revisions uses it too and stages do not import each other.
+REASON_MAX_CHARS = 600
+
+
 def kind_templates(kinds: Iterable[str], *, brainstorm: bool = False, generate: bool = False) -> list[str]:
     """Template names of ``kinds``: brainstorm templates and/or generate + guidelines templates."""
     from speed.tasks import get_kind
