@@ -49,7 +49,7 @@ from typing import Any
 
 from speed.config import EmbedConfig
 from speed.formats import format_query
-from speed.io import read_jsonl
+from speed.io import atomic_write, read_jsonl
 from speed.models import resolve_hf
 from speed.precision import Chosen, choose_precision, device_name
 
@@ -618,9 +618,8 @@ def train_embedder(
             "base_model": str(model),
             "seed": seed,
         }
-        tmp_path = out / ".training_stats.json.tmp"
-        tmp_path.write_text(json.dumps(stats, indent=2) + "\n", encoding="utf-8")
-        tmp_path.replace(out / "training_stats.json")
+        with atomic_write(out / "training_stats.json") as fh:
+            fh.write(json.dumps(stats, indent=2) + "\n")
     logger.info(
         "trained %s for %d steps on %d rows in %.0f s (%.1f rows/s); loss %.4f -> %.4f; saved to %s",
         model,
