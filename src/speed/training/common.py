@@ -145,6 +145,23 @@ def check_rows(rows: Sequence[Mapping[str, Any]], fields: Sequence[str], what: s
 
 
 # --------------------------------------------------------------------------------------------
+# conversational rows (TRL's format, shared by SFT and DPO)
+
+
+def prompt_messages(prompt: str, system: str | None = None) -> list[dict[str, str]]:
+    """The prompt side of a TRL conversational row: the user's message, after ``system`` if given."""
+    messages = [{"role": "user", "content": prompt}]
+    if system:
+        messages.insert(0, {"role": "system", "content": system})
+    return messages
+
+
+def answer_messages(text: str) -> list[dict[str, str]]:
+    """The answer side of a TRL conversational row (a completion, a chosen or rejected answer)."""
+    return [{"role": "assistant", "content": text}]
+
+
+# --------------------------------------------------------------------------------------------
 # hardware
 
 
