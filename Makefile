@@ -52,6 +52,7 @@ lint: setup
 	$(VENV)/bin/ruff check src tests bench
 	$(VENV)/bin/ruff format --check src tests bench
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports  # the layers of pyproject.toml's [tool.importlinter]: imports only point down
 
 bench: setup  ## benchmarks print figures; they never assert on time
 	for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

@@ -144,48 +144,12 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def cost_summary(run_dir: Path) -> dict[str, Any]:
-    """Teacher calls and tokens per stage, and teacher calls per final example.
-
-    A finished stage counts the calls its output was made from (sent or replayed; the ledger's
-    ``uses``), so an earlier run of the stage under another config does not inflate it; a stage
-    still running counts what it sent so far. ``teacher_ledger_total`` is every teacher call the
-    ledger holds, superseded runs included: what the run directory has cost.
-    """
-    from speed.io import read_json
-    from speed.ledger import Ledger, Totals
-
-    ledger = Ledger(run_dir / "ledger.sqlite")
-    try:
-        per_stage: dict[str, Totals] = {}
-        for (stage, role), spent in ledger.breakdown().items():
-            if role != "teacher":
-                continue
-            manifest = run_dir / stage / "manifest.json"
-            key = read_json(manifest).get("key") if manifest.exists() else None
-            # runs made before the ledger noted uses have none: count all of the stage's calls
-            per_stage[stage] = (ledger.usage(key).get("teacher") if key else None) or spent
-        everything = ledger.totals(role="teacher").to_dict()
-    finally:
-        ledger.close()
-    total = Totals(*(sum(getattr(t, f) for t in per_stage.values()) for f in Totals.__dataclass_fields__))
-    final = None
-    m = run_dir / "synthesize" / "manifest.json"
-    if m.exists():
-        final = read_json(m).get("stats", {}).get("count")
-    return {
-        "teacher_by_stage": {stage: t.to_dict() for stage, t in per_stage.items()},
-        "teacher_total": total.to_dict(),
-        "teacher_ledger_total": everything,
-        "final_examples": final,
-        "teacher_calls_per_example": (total.calls / final) if final else None,
-    }
-
-
 def cmd_cost(args: argparse.Namespace) -> int:
     run_dir = Path(args.run)
     if not (run_dir / "ledger.sqlite").exists():
         raise ConfigError(f"'{run_dir}' has no ledger.sqlite; is it a run directory?")
+    from speed.ledger import cost_summary
+
     c = cost_summary(run_dir)
     if args.json:
         print(json.dumps(c, indent=2))
@@ -252,8 +216,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_scale_study(args: argparse.Namespace) -> int:
-    from speed.evaluation.scale import scale_study
     from speed.io import read_rows
+    from speed.scale import scale_study
 
     cfg, run_dir = _load_run(args.run)
     synth = run_dir / "synthesize"

@@ -38,7 +38,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+from speed.formats import parse_query
 from speed.io import read_rows
+from speed.suggest import did_you_mean
 
 logger = logging.getLogger(__name__)
 
@@ -83,11 +85,7 @@ def _bare_query(row: dict[str, Any]) -> str:
     text = row.get("query_text")
     if text:
         return str(text)
-    query = str(row["query"])
-    marker = "\nQuery: "
-    if query.startswith("Instruct: ") and marker in query:
-        return query.split(marker, 1)[1]
-    return query
+    return parse_query(str(row["query"]))[1]
 
 
 def to_sentence_transformers(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, list[str]]]:
@@ -179,10 +177,7 @@ def export_run(
         export_run("runs/quickstart", "sentence-transformers", "exports/st")
     """
     if fmt not in FORMATS:
-        import difflib
-
-        near = difflib.get_close_matches(fmt, FORMATS, n=1)
-        hint = f" Did you mean '{near[0]}'?" if near else ""
+        hint = did_you_mean(fmt, FORMATS)
         raise ExportError(f"unknown export format '{fmt}'.{hint} Formats: {', '.join(FORMATS)}")
     rows = load_synthesized(run_dir, stage)
     out = Path(out)

@@ -1,4 +1,4 @@
-"""Small file helpers shared by stages: atomic writes and JSONL / Parquet reading.
+"""Small file helpers shared by every layer: atomic writes and JSONL / Parquet reading.
 
 Every file a stage writes goes through :func:`atomic_write` (write to a temporary name in the same
 folder, fsync, rename), so a reader never sees half a file, even after a SIGKILL.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -55,18 +56,50 @@ def write_jsonl(path: str | os.PathLike[str], rows: Iterable[dict[str, Any]]) ->
     return n
 
 
-def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Read JSON lines; a malformed line is an error naming the file and line."""
-    rows = []
-    with open(path, encoding="utf-8") as fh:
+def iter_jsonl(
+    path: str | os.PathLike[str],
+    *,
+    error: type[Exception] = ValueError,
+    skipped: Counter[str] | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Stream the JSON objects of a JSON Lines file; blank lines are passed over.
+
+    The one JSONL reader of the package: stage outputs, evaluation folders, decontamination sources
+    and labelled training data all read through it, so a bad line is reported the same way.
+
+    Args:
+        path: the file.
+        error: the exception raised for a line that is not a JSON object (callers pass their own
+            ``ValueError`` subclass); the message names the file and line.
+        skipped: when given, a bad line is counted here (``not_json``, ``not_an_object``) and
+            skipped instead of raising, and undecodable bytes are replaced: for readers that must
+            not fail (the report).
+
+    Raises:
+        error: a line is not valid JSON, or is JSON but not an object (unless ``skipped`` is given).
+    """
+    with open(path, encoding="utf-8", errors="replace" if skipped is not None else "strict") as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
+                obj = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
-    return rows
+                if skipped is not None:
+                    skipped["not_json"] += 1
+                    continue
+                raise error(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
+            if not isinstance(obj, dict):
+                if skipped is not None:
+                    skipped["not_an_object"] += 1
+                    continue
+                raise error(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            yield obj
+
+
+def read_jsonl(path: str | os.PathLike[str], *, error: type[Exception] = ValueError) -> list[dict[str, Any]]:
+    """All the JSON objects of a JSON Lines file (see :func:`iter_jsonl`)."""
+    return list(iter_jsonl(path, error=error))
 
 
 def read_rows(folder: str | os.PathLike[str]) -> list[dict[str, Any]]:

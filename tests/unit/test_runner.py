@@ -179,7 +179,7 @@ def test_keys_follow_what_shapes_each_stage(tmp_path):
 
 
 def test_a_rerun_stage_counts_the_calls_it_used_not_the_superseded_ones(tmp_path):
-    from speed.cli import cost_summary
+    from speed.ledger import cost_summary
 
     Runner(load_config(write_config(tmp_path, "r", count=5))).run()
     Runner(load_config(write_config(tmp_path, "r", count=3))).run()  # new key; 3 calls replayed
@@ -192,7 +192,7 @@ def test_a_rerun_stage_counts_the_calls_it_used_not_the_superseded_ones(tmp_path
 
 
 def test_weights_trained_in_the_run_are_named_by_their_stage_key(tmp_path):
-    from speed.executors.base import ledger_model_id
+    from speed.roles import ledger_model_id
 
     (tmp_path / "junior" / "merged").mkdir(parents=True)
     assert ledger_model_id(tmp_path, tmp_path / "junior" / "merged") == "run:junior/merged"
@@ -200,3 +200,14 @@ def test_weights_trained_in_the_run_are_named_by_their_stage_key(tmp_path):
     # retrained weights in the same folder get another id, so old answers are never replayed for them
     assert ledger_model_id(tmp_path, tmp_path / "junior" / "merged") == "run:junior/merged@abc123"
     assert ledger_model_id(tmp_path, "/elsewhere/model") == "/elsewhere/model"
+
+
+def test_builtin_stage_order_is_the_registry_in_dependency_order() -> None:
+    from speed.runner import builtin_stage_order, load_stages
+
+    order = builtin_stage_order()
+    registry = load_stages()
+    assert sorted(order) == sorted(registry)  # every built-in stage once, and nothing else
+    for name in order:
+        for up in registry[name].reads:
+            assert order.index(up) < order.index(name), f"{name} comes before {up}, which it reads"

@@ -11,7 +11,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from speed.config import SFTConfig
-from speed.training.common import TrainingInputError, choose_precision
+from speed.training.common import TrainingInputError
 from speed.training.sft import to_conversational, train_sft
 from tiny import tiny_llama
 
@@ -111,10 +111,18 @@ def test_batch_that_does_not_divide_is_refused(tmp_path: Path) -> None:
         train_sft(base, ROWS, cfg, tmp_path / "out", seed=0, what="junior")
 
 
-def test_precision_choice() -> None:
-    assert choose_precision("fp32", "cpu") == "fp32"
-    assert choose_precision("bf16", "cpu") == "bf16"
-    assert choose_precision("auto", "cpu") in {"bf16", "fp32"}
+def test_precision_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    from speed import precision
+
+    assert precision.choose_precision("fp32", "cpu") == "fp32"
+    assert precision.choose_precision("bf16", "cpu") == "bf16"
+    # auto follows the CPU's bf16 units, whichever CPU runs the test
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: True)
+    assert precision.choose_precision("auto", "cpu") == "bf16"
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: False)
+    assert precision.choose_precision("auto", "cpu") == "fp32"
+    with pytest.raises(ValueError, match="precision must be one of"):
+        precision.resolve_precision("fp16", "cpu")
 
 
 def test_prompts_longer_than_max_length_are_refused(tmp_path: Path) -> None:

@@ -18,13 +18,12 @@ Design choices:
   reranking ``corpus`` titles and texts and ``queries``. Training splits (``train.jsonl``) of STS and
   classification are skipped (they are not what is scored); clustering reads every split (SIB200's
   official transform merges them).
-- Task names are the MTEB names of ``evaluate.tasks`` (folders from ``speed.evaluation``'s registry
-  when it is importable), or folders relative to the evaluation directory (``sts/STSBenchmark``).
+- Task names are the MTEB names of ``evaluate.tasks`` (folders from ``speed.evaluation``'s registry,
+  which this module sits above), or folders relative to the evaluation directory (``sts/STSBenchmark``).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -34,11 +33,13 @@ from typing import Any, TypeVar
 from pydantic import BaseModel
 
 from speed.data.filters import DropCounter, words
+from speed.evaluation.registry import TASKS
+from speed.io import iter_jsonl
+from speed.paths import eval_data_dir
 
 logger = logging.getLogger(__name__)
 
 CONTAMINATED = "contaminated"
-EVAL_DIR_ENV = "SPEED_EVAL_DIR"
 
 T = TypeVar("T")
 
@@ -63,24 +64,10 @@ def find_eval_dir(eval_dir: str | os.PathLike[str] | None = None) -> Path:
     Raises:
         FileNotFoundError: no such folder.
     """
-    try:
-        from speed.paths import eval_data_dir
-    except ImportError:  # paths.py is optional for this module
-        chosen = eval_dir or os.environ.get(EVAL_DIR_ENV)
-        if not chosen or not Path(chosen).is_dir():
-            raise FileNotFoundError(
-                f"no evaluation data folder: pass eval_dir or set ${EVAL_DIR_ENV} to a folder in the "
-                "layout of shared/eval"
-            ) from None
-        return Path(chosen)
     return eval_data_dir(eval_dir)
 
 
 def _registered() -> dict[str, tuple[str, str]]:
-    try:
-        from speed.evaluation.registry import TASKS
-    except ImportError:
-        return {}
     return {name: (spec.folder, spec.layout) for name, spec in TASKS.items()}
 
 
@@ -111,19 +98,6 @@ def resolve_eval_folders(tasks: Iterable[str], eval_dir: Path) -> dict[str, tupl
     return found
 
 
-def _records(path: Path) -> Iterator[dict[str, Any]]:
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DecontamError(f"{path}:{lineno}: not a JSON object ({err.msg})") from None
-            if isinstance(record, dict):
-                yield record
-
-
 def eval_texts(folder: Path, layout: str) -> Iterator[str]:
     """The texts of one evaluation folder that synthetic data must not contain.
 
@@ -144,7 +118,7 @@ def eval_texts(folder: Path, layout: str) -> Iterator[str]:
     if not files:
         raise DecontamError(f"evaluation folder {folder} has no JSONL file to read for decontamination")
     for path in files:
-        for record in _records(path):
+        for record in iter_jsonl(path, error=DecontamError):
             for field in _LAYOUT_FIELDS[layout]:
                 value = record.get(field)
                 if isinstance(value, str) and value.strip():

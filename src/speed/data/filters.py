@@ -27,14 +27,43 @@ from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Collection, Iterable, Mapping
 from functools import cache
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from pydantic import BaseModel
 
-if TYPE_CHECKING:
-    from speed.tasks.base import TaskKind
+from speed.suggest import did_you_mean
 
 logger = logging.getLogger(__name__)
+
+
+class KindShape(Protocol):
+    """What a filter reads of a task kind: its fields and what its prompt asked for.
+
+    :class:`speed.tasks.TaskKind` has this shape. Filters name the shape rather than the class so that
+    ``speed.data`` stays below ``speed.tasks`` (the task kinds parse with :mod:`speed.data.parsing`).
+    """
+
+    @property
+    def query_field(self) -> str: ...
+
+    @property
+    def positive_field(self) -> str: ...
+
+    @property
+    def negative_field(self) -> str | None: ...
+
+    def fields(self) -> tuple[str, ...]:
+        """The example's field names."""
+        ...
+
+    def requested_words(self, attributes: Mapping[str, Any]) -> dict[str, int]:
+        """Field -> the number of words the prompt asked for."""
+        ...
+
+    def field_languages(self, attributes: Mapping[str, Any]) -> dict[str, str]:
+        """Field -> the language the prompt asked it in."""
+        ...
+
 
 _WORD = re.compile(r"[^\W_]+")
 
@@ -119,7 +148,7 @@ class Filter(ABC):
     name: str = "filter"
 
     @abstractmethod
-    def check(self, fields: Fields, kind: TaskKind, attributes: Mapping[str, Any]) -> str | None:
+    def check(self, fields: Fields, kind: KindShape, attributes: Mapping[str, Any]) -> str | None:
         """None to keep the example, else a short detail of why it is dropped."""
 
     def __repr__(self) -> str:
@@ -138,7 +167,7 @@ class EmptyField(Filter):
 
     name = "empty_field"
 
-    def check(self, fields: Fields, kind: TaskKind, attributes: Mapping[str, Any]) -> str | None:
+    def check(self, fields: Fields, kind: KindShape, attributes: Mapping[str, Any]) -> str | None:
         for field in kind.fields():
             if not _text(fields, field).strip():
                 return f"field '{field}' is empty"
@@ -198,7 +227,7 @@ class PlaceholderText(Filter):
 
     name = "placeholder_text"
 
-    def check(self, fields: Fields, kind: TaskKind, attributes: Mapping[str, Any]) -> str | None:
+    def check(self, fields: Fields, kind: KindShape, attributes: Mapping[str, Any]) -> str | None:
         names = list(kind.fields())
         for field in names:
             text = _text(fields, field)
@@ -218,7 +247,7 @@ class Repetitive(Filter):
         self.min_unique = min_unique
         self.min_words = min_words
 
-    def check(self, fields: Fields, kind: TaskKind, attributes: Mapping[str, Any]) -> str | None:
+    def check(self, fields: Fields, kind: KindShape, attributes: Mapping[str, Any]) -> str | None:
         for field in kind.fields():
             tokens = words(_text(fields, field))
             if len(tokens) < self.min_words:
@@ -244,7 +273,7 @@ class TooShort(Filter):
             raise ValueError(f"min_ratio must be in (0, 1], got {min_ratio}")
         self.min_ratio = min_ratio
 
-    def check(self, fields: Fields, kind: TaskKind, attributes: Mapping[str, Any]) -> str | None:
+    def check(self, fields: Fields, kind: KindShape, attributes: Mapping[str, Any]) -> str | None:
         for field, requested in kind.requested_words(attributes).items():
             n = len(words(_text(fields, field)))
             if n < self.min_ratio * requested:
@@ -264,7 +293,7 @@ class QueryInDocument(Filter):
     def __init__(self, min_query_words: int = 5) -> None:
         self.min_query_words = min_query_words
 
-    def check(self, fields: Fields, kind: TaskKind, attributes: Mapping[str, Any]) -> str | None:
+    def check(self, fields: Fields, kind: KindShape, attributes: Mapping[str, Any]) -> str | None:
         query = words(_text(fields, kind.query_field))
         if len(query) < self.min_query_words:
             return None
@@ -310,7 +339,7 @@ class TooSimilar(Filter):
                 raise ValueError(f"field role '{role}' is not one of {roles}")
         self.first, self.second, self.name, self.threshold = first, second, name, threshold
 
-    def check(self, fields: Fields, kind: TaskKind, attributes: Mapping[str, Any]) -> str | None:
+    def check(self, fields: Fields, kind: KindShape, attributes: Mapping[str, Any]) -> str | None:
         a_field = getattr(kind, f"{self.first}_field")
         b_field = getattr(kind, f"{self.second}_field")
         if a_field is None or b_field is None:
@@ -359,8 +388,7 @@ def language_code(language: str) -> str:
         return LANGUAGE_CODES[key]
     if re.fullmatch(r"[a-z]{2,3}", key):
         return key
-    near = difflib.get_close_matches(key, list(LANGUAGE_CODES), n=2, cutoff=0.6)
-    hint = f" Did you mean {' or '.join(repr(n.title()) for n in near)}?" if near else ""
+    hint = did_you_mean(key, LANGUAGE_CODES, n=2, show=str.title)
     raise ValueError(
         f"language '{language}' has no detector code; write its ISO 639-1 code (e.g. 'de') "
         f"or one of the names in speed.data.filters.LANGUAGE_CODES.{hint}"
@@ -399,7 +427,7 @@ class WrongLanguage(Filter):
         self.min_prob = min_prob
         self.min_chars = min_chars
 
-    def check(self, fields: Fields, kind: TaskKind, attributes: Mapping[str, Any]) -> str | None:
+    def check(self, fields: Fields, kind: KindShape, attributes: Mapping[str, Any]) -> str | None:
         groups: dict[str, list[str]] = {}
         for field, language in kind.field_languages(attributes).items():
             groups.setdefault(language, []).append(_text(fields, field))
@@ -427,7 +455,7 @@ class LabelNotAllowed(Filter):
         self.allowed = None if allowed is None else {a.strip().casefold() for a in allowed}
         self.fields = tuple(fields)
 
-    def check(self, fields: Fields, kind: TaskKind, attributes: Mapping[str, Any]) -> str | None:
+    def check(self, fields: Fields, kind: KindShape, attributes: Mapping[str, Any]) -> str | None:
         allowed = self.allowed
         if allowed is None and attributes.get("labels"):
             allowed = {str(a).strip().casefold() for a in attributes["labels"]}
@@ -473,7 +501,7 @@ def default_filters(
 
 def first_failure(
     example: BaseModel | Fields,
-    kind: TaskKind,
+    kind: KindShape,
     attributes: Mapping[str, Any],
     filters: Iterable[Filter],
     counter: DropCounter | None = None,

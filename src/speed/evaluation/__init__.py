@@ -5,12 +5,10 @@ Public entry points:
 - ``evaluate_model(model, tasks, data_dir=None, out_dir=None, instructions=False, batch_size=64,
   baseline=None)``: scores, a results JSON and a markdown table beside a baseline.
 - ``get_task(name, data_dir=None)``: one MTEB task instance whose data is local.
-- ``scale_study(...)``: train on nested subsets, evaluate each, fit score = a + b ln(n).
 
 Importing this package does not import mteb or torch; they load on first use.
 """
 
-from speed.evaluation.instructions import format_query, instruction_prefix
 from speed.evaluation.mteb_eval import evaluate_model, load_embedder
 from speed.evaluation.registry import (
     INSTRUCTIONS,
@@ -22,7 +20,7 @@ from speed.evaluation.registry import (
     resolve_task_names,
 )
 from speed.evaluation.results import category_averages, markdown_table, write_results
-from speed.evaluation.scale import fit_log_linear, plot_scale, scale_study
+from speed.formats import format_query, instruction_prefix
 
 __all__ = [
     "INSTRUCTIONS",
@@ -32,14 +30,11 @@ __all__ = [
     "UnknownTaskError",
     "category_averages",
     "evaluate_model",
-    "fit_log_linear",
     "format_query",
     "get_task",
     "instruction_prefix",
     "load_embedder",
     "markdown_table",
-    "plot_scale",
     "resolve_task_names",
-    "scale_study",
     "write_results",
 ]

@@ -18,25 +18,10 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+# the same prefix the training rows were written with (one formatter for both sides)
+from speed.formats import instruction_prefix
+
 logger = logging.getLogger(__name__)
-
-INSTRUCTION_TEMPLATE = "Instruct: {instruction}\nQuery: "
-
-
-def instruction_prefix(instruction: str) -> str:
-    """The text put before a query: ``Instruct: {instruction}\\nQuery: ``."""
-    return INSTRUCTION_TEMPLATE.format(instruction=instruction.strip())
-
-
-def format_query(instruction: str | None, query: str) -> str:
-    """A query as an instruction-trained model reads it; bare when there is no instruction.
-
-    A query that already starts with ``Instruct:`` is returned unchanged, so that rows which carry
-    the instruction in their text are never prefixed twice.
-    """
-    if not instruction or query.startswith("Instruct:"):
-        return query
-    return instruction_prefix(instruction) + query
 
 
 def instructed_encoder(model: Any, instructions: Mapping[str, str]) -> Any:

@@ -19,11 +19,12 @@ Row order is kept as in the files: MTEB's classification undersampling depends o
 from __future__ import annotations
 
 import csv
-import json
 import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+from speed.io import iter_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -34,17 +35,7 @@ class EvalDataError(ValueError):
 
 def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
     """Yield the JSON objects of a JSON Lines file, naming the file and line of a bad one."""
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise EvalDataError(f"{path}:{lineno}: not a JSON object ({err.msg})") from None
-            if not isinstance(obj, dict):
-                raise EvalDataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            yield obj
+    return iter_jsonl(path, error=EvalDataError)
 
 
 def _require(folder: Path, name: str) -> Path:

@@ -21,12 +21,13 @@ import time
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, cast, get_args
+from typing import Any
 
 from speed.evaluation.registry import INSTRUCTIONS, get_task, resolve_task_names
 from speed.evaluation.results import category_averages, write_results
 from speed.models import resolve_hf
 from speed.paths import eval_data_dir
+from speed.precision import resolve_precision
 
 logger = logging.getLogger(__name__)
 
@@ -67,16 +68,6 @@ def load_embedder(model: str | os.PathLike[str], device: str | None = None, prec
 
         st.to(torch.bfloat16)
     return st
-
-
-def resolve_precision(precision: str, device: str | None = None) -> str:
-    """``fp32`` or ``bf16``: the one asked for, or for ``auto`` what the device runs fast."""
-    from speed.config import Precision
-    from speed.training.common import choose_precision, device_name
-
-    if precision not in get_args(Precision):
-        raise ValueError(f"precision must be one of {', '.join(get_args(Precision))}, not {precision!r}")
-    return choose_precision(cast(Precision, precision), (device or device_name()).split(":")[0])
 
 
 def _model_label(model: Any, model_name: str | None) -> str:

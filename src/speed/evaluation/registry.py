@@ -12,7 +12,6 @@ a folder in the data directory.
 
 from __future__ import annotations
 
-import difflib
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from typing import Any, Literal
 
 from speed.evaluation import loaders
 from speed.paths import eval_data_dir
+from speed.suggest import did_you_mean
 
 logger = logging.getLogger(__name__)
 
@@ -126,12 +126,7 @@ def resolve_task_names(names: Iterable[str] | str) -> list[str]:
         expanded = SUITES.get(name, [name])
         for task in expanded:
             if task not in TASKS:
-                valid = [*TASKS, *SUITES]
-                near = difflib.get_close_matches(task, valid, n=3, cutoff=0.4)
-                lowered = {v.lower(): v for v in valid}
-                if task.lower() in lowered and lowered[task.lower()] not in near:
-                    near.insert(0, lowered[task.lower()])
-                hint = f" Did you mean {', '.join(repr(n) for n in near)}?" if near else ""
+                hint = did_you_mean(task, [*TASKS, *SUITES], n=3, cutoff=0.4)
                 raise UnknownTaskError(
                     f"unknown evaluation task '{task}' (evaluate.tasks); registered tasks: "
                     f"{', '.join(TASKS)}; suites: {', '.join(SUITES)}.{hint}"

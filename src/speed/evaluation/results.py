@@ -15,6 +15,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from speed.io import atomic_write
+
 #: Order of categories in tables, as in MTEB's English benchmark.
 CATEGORY_ORDER = ["Classification", "Clustering", "PairClassification", "Reranking", "Retrieval", "STS"]
 
@@ -85,9 +87,8 @@ def write_results(
     if baseline is not None:
         payload["baseline"] = baseline
     json_path = out / "results.json"
-    tmp = json_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=_json_default) + "\n", encoding="utf-8")
-    tmp.replace(json_path)
+    with atomic_write(json_path) as fh:
+        fh.write(json.dumps(payload, indent=2, default=_json_default) + "\n")
     md_path = out / "results.md"
     md_path.write_text(markdown_table(result, baseline), encoding="utf-8")
     return {"json": json_path, "markdown": md_path}

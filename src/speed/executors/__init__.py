@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from speed.executors.base import Executor, Shard, Worker, WorkerEnv, WorkerFactory, ledger_model_id
+from speed.executors.base import Executor, Shard, Worker, WorkerEnv, WorkerFactory
 from speed.executors.local import LocalExecutor
 
 if TYPE_CHECKING:
@@ -22,7 +22,6 @@ __all__ = [
     "Worker",
     "WorkerEnv",
     "WorkerFactory",
-    "ledger_model_id",
     "make_executor",
 ]
 

@@ -30,13 +30,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from speed.roles import ledger_model_id
-
 if TYPE_CHECKING:
     from speed.ledger import LedgeredBackend
-    from speed.runner import StageContext
+    from speed.stage import StageContext
 
-__all__ = ["Executor", "Shard", "Worker", "WorkerEnv", "WorkerFactory", "check_shard_ids", "ledger_model_id"]
+__all__ = ["Executor", "Shard", "Worker", "WorkerEnv", "WorkerFactory", "check_shard_ids"]
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from speed.executors.base import Executor, Shard, WorkerEnv, WorkerFactory, chec
 
 if TYPE_CHECKING:
     from speed.ledger import LedgeredBackend
-    from speed.runner import StageContext
+    from speed.stage import StageContext
 
 logger = logging.getLogger(__name__)
 

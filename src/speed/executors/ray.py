@@ -50,7 +50,7 @@ if TYPE_CHECKING:
     from speed.ledger import LedgeredBackend
     from speed.llm.base import Completion, Request
     from speed.roles import RoleBackends
-    from speed.runner import StageContext
+    from speed.stage import StageContext
 
 logger = logging.getLogger(__name__)
 

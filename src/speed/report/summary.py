@@ -7,8 +7,9 @@ fails at the end of a long one.
 
 Design choices:
 - The stage list follows the run's own config when the runner can plan it (so that a stage can be
-  shown as ``stale``); otherwise the paper's stage order, then any other finished stage folder.
-- Teacher costs come from the SQLite ledger through :func:`speed.cli.cost_summary`, the same numbers
+  shown as ``stale``); otherwise the built-in stages in the runner's order
+  (:func:`speed.runner.builtin_stage_order`), then any other finished stage folder.
+- Teacher costs come from the SQLite ledger through :func:`speed.ledger.cost_summary`, the same numbers
   ``speed cost`` prints. The ledger is only opened when it exists (opening creates it).
 - The teacher-only comparison is E5-style generation: one teacher call per final example, each
   costing the mean teacher tokens (in and out) of this run's seed calls, which ask the teacher for
@@ -29,25 +30,12 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from speed.io import read_json
+from speed.config import load_config
+from speed.io import iter_jsonl, read_json
+from speed.ledger import cost_summary
+from speed.runner import Runner, builtin_stage_order
 
 logger = logging.getLogger(__name__)
-
-#: Stage order of the pipeline (DESIGN.md), used when the run's config cannot be planned.
-STAGE_ORDER = (
-    "topics",
-    "brainstorm",
-    "seed",
-    "junior",
-    "candidates",
-    "judge",
-    "senior",
-    "revisions",
-    "revisor",
-    "synthesize",
-    "embed",
-    "evaluate",
-)
 
 #: Bump when a field of summary.json changes meaning.
 SUMMARY_VERSION = 1
@@ -83,9 +71,6 @@ def _planned_states(run_dir: Path) -> tuple[list[str], dict[str, str]] | None:
     if not cfg_path.exists():
         return None
     try:
-        from speed.config import load_config
-        from speed.runner import Runner
-
         cfg = load_config(cfg_path, [f"run.dir={run_dir}"])
         statuses = Runner(cfg).status()
     except Exception as err:  # any failure here only costs the 'stale' state
@@ -122,8 +107,9 @@ def collect_stages(run_dir: Path, warnings: _Warnings) -> list[dict[str, Any]]:
     if planned is None:
         # the paper's pipeline (stages not started yet are pending), then plugin stages; a run of
         # plugin stages only lists what it has
-        extra = sorted(known - set(STAGE_ORDER))
-        names = [*STAGE_ORDER, *extra] if known & set(STAGE_ORDER) else extra
+        order = builtin_stage_order()
+        extra = sorted(known - set(order))
+        names = [*order, *extra] if known & set(order) else extra
     else:
         # folders of stages the config no longer plans are still part of the run
         names = [*names, *sorted(known - set(names))]
@@ -177,8 +163,6 @@ def collect_costs(run_dir: Path, warnings: _Warnings) -> dict[str, Any]:
     if not (run_dir / "ledger.sqlite").exists():
         return empty
     try:
-        from speed.cli import cost_summary
-
         cost = dict(cost_summary(run_dir))
     except Exception as err:
         warnings.add(f"cannot read the call ledger {run_dir / 'ledger.sqlite'} ({err}); costs left out")
@@ -225,22 +209,10 @@ def iter_stage_rows(folder: Path, warnings: _Warnings) -> Iterator[dict[str, Any
     """
     jsonl = folder / "data.jsonl"
     if jsonl.exists():
-        bad = 0
-        with open(jsonl, encoding="utf-8", errors="replace") as fh:
-            for line in fh:
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    bad += 1
-                    continue
-                if isinstance(row, dict):
-                    yield row
-                else:
-                    bad += 1
+        bad: Counter[str] = Counter()
+        yield from iter_jsonl(jsonl, skipped=bad)
         if bad:
-            warnings.add(f"{jsonl}: {bad} malformed lines skipped")
+            warnings.add(f"{jsonl}: {sum(bad.values())} malformed lines skipped")
         return
     shards = sorted(folder.glob("**/*.parquet"))
     if not shards:
@@ -472,7 +444,7 @@ def find_plots(run_dir: Path) -> list[Path]:
 
 def collect_scale(run_dir: Path, warnings: _Warnings) -> dict[str, Any] | None:
     """Points and log-linear fit of a scale study (``scale_study.json`` of
-    :func:`speed.evaluation.scale.scale_study`), when the run holds one."""
+    :func:`speed.scale.scale_study`), when the run holds one."""
     paths = sorted(p for p in run_dir.glob("**/scale_study.json") if _outside_work(run_dir, p))
     if not paths:
         return None

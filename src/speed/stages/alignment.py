@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 from speed.config import ModelSpec, SpeedConfig
 from speed.io import read_rows
 from speed.llm.base import Completion, Request, Sampling
-from speed.runner import StageContext, StageError
+from speed.stage import StageContext, StageError
 
 if TYPE_CHECKING:
     from speed.data.filters import DropCounter, Filter
@@ -48,6 +48,12 @@ logger = logging.getLogger(__name__)
 
 #: seconds between progress lines in the log while a stage's requests are answered
 _LOG_EVERY_S = 10.0
+
+
+#: cap on the reason of the judge (and of the teacher's revision) under constrained decoding: a
+#: small model can loop inside the string until max_tokens cuts the JSON before the verdict. Here,
+#: not in judge.py, because revisions uses it too and stages do not import each other.
+REASON_MAX_CHARS = 600
 
 
 def kind_templates(kinds: Iterable[str], *, brainstorm: bool = False, generate: bool = False) -> list[str]:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from speed.io import write_jsonl
-from speed.runner import Stage, StageContext, StageError, register
+from speed.stage import Stage, StageContext, StageError, register
 from speed.stages.alignment import chat, generate_all, kind_templates, sampling
 
 logger = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ import logging
 from typing import Any
 
 from speed.io import write_jsonl
-from speed.runner import Stage, StageContext, StageError, register
+from speed.stage import Stage, StageContext, StageError, register
 from speed.stages.alignment import (
     chat,
     check_pool,

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from speed.io import read_rows
-from speed.runner import Stage, StageContext, StageError, register
+from speed.stage import Stage, StageContext, StageError, register
 
 
 @register

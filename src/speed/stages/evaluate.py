@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from speed.io import read_json, write_json
-from speed.runner import Stage, StageContext, register
+from speed.stage import Stage, StageContext, register
 
 logger = logging.getLogger(__name__)
 
@@ -75,8 +75,8 @@ class Evaluate(Stage):
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
         from speed.evaluation import evaluate_model, resolve_task_names
-        from speed.evaluation.mteb_eval import resolve_precision
         from speed.paths import eval_data_dir
+        from speed.precision import resolve_precision
 
         section = ctx.cfg.evaluate
         spec = ctx.cfg.models.embedder

@@ -43,8 +43,8 @@ from typing import Any
 from pydantic import model_validator
 
 from speed.io import write_jsonl
-from speed.runner import Stage, StageContext, StageError, register
-from speed.stages.alignment import chat, generate_all, normalize, require_rows, sampling
+from speed.stage import Stage, StageContext, StageError, register
+from speed.stages.alignment import REASON_MAX_CHARS, chat, generate_all, normalize, require_rows, sampling
 from speed.tasks.base import Judgement
 
 logger = logging.getLogger(__name__)
@@ -98,11 +98,6 @@ def to_original(order: Sequence[int], shown_number: int) -> int:
     if not 1 <= shown_number <= len(order):
         raise IndexError(f"candidate number {shown_number} is outside 1..{len(order)}")
     return order[shown_number - 1]
-
-
-#: cap on the judge's reason under constrained decoding: a small judge can loop inside the string
-#: until max_tokens cuts the JSON before the verdict
-REASON_MAX_CHARS = 600
 
 
 def verdict_schema(num_shown: int) -> dict[str, Any]:

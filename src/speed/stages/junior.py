@@ -16,7 +16,7 @@ import logging
 from abc import abstractmethod
 from typing import Any, ClassVar
 
-from speed.runner import Stage, StageContext, register
+from speed.stage import Stage, StageContext, register
 from speed.stages.alignment import free_local_models, require_rows, role_model
 
 logger = logging.getLogger(__name__)

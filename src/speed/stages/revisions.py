@@ -19,8 +19,9 @@ import logging
 from typing import Any
 
 from speed.io import write_jsonl
-from speed.runner import Stage, StageContext, StageError, register
+from speed.stage import Stage, StageContext, StageError, register
 from speed.stages.alignment import (
+    REASON_MAX_CHARS,
     build_filters,
     chat,
     check_pool,
@@ -33,7 +34,6 @@ from speed.stages.alignment import (
     sampling,
     task_pool,
 )
-from speed.stages.judge import REASON_MAX_CHARS
 
 logger = logging.getLogger(__name__)
 

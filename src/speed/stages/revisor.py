@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from speed.runner import register
+from speed.stage import register
 from speed.stages.junior import SFTStage
 
 logger = logging.getLogger(__name__)

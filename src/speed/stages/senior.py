@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from speed.runner import Stage, StageContext, register
+from speed.stage import Stage, StageContext, register
 from speed.stages.alignment import free_local_models, require_rows, role_model
 
 logger = logging.getLogger(__name__)

@@ -56,7 +56,7 @@ from typing import Any
 from speed.executors.base import Shard, Worker, WorkerEnv, WorkerFactory
 from speed.io import atomic_write, read_jsonl, write_json, write_jsonl
 from speed.llm.base import Request, Sampling
-from speed.runner import Stage, StageContext, StageError, register
+from speed.stage import Stage, StageContext, StageError, register
 from speed.stages.alignment import kind_templates, require_rows, task_pool
 
 logger = logging.getLogger(__name__)

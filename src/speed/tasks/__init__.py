@@ -9,9 +9,9 @@ bitext. Importing this package registers them.
 from speed.tasks import retrieval, classification, sts, matching, bitext  # noqa: F401
 
 # isort: on
+from speed.formats import QUERY_FORMAT, format_query
 from speed.tasks.base import (
     JUDGE_TEMPLATE,
-    QUERY_FORMAT,
     REVISE_TEMPLATE,
     REVISOR_TEMPLATE,
     Example,
@@ -22,7 +22,6 @@ from speed.tasks.base import (
     TemplateError,
     UnknownKindError,
     example_json,
-    format_query,
     get_kind,
     judge_prompt,
     kind_names,

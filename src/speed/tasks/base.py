@@ -23,7 +23,6 @@ Design choices:
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 import logging
@@ -39,13 +38,12 @@ from typing import Any, ClassVar, Generic, TypeVar, cast
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from speed.data.parsing import ParseResult, parse_json
+from speed.formats import format_query
+from speed.suggest import did_you_mean
 
 logger = logging.getLogger(__name__)
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
-
-#: How the query side of every training row is written (E5, SPEED); documents get no prefix.
-QUERY_FORMAT = "Instruct: {task}\nQuery: {query}"
 
 #: SPEED's clarity values and weights (retrieval; reused for classification, see there).
 CLARITY = {"clear": 0.6, "understandable with some effort": 0.2, "ambiguous": 0.2}
@@ -79,8 +77,7 @@ def template_path(name: str) -> Path:
     path = TEMPLATE_DIR / f"{name}.txt"
     if not path.is_file():
         known = list_templates()
-        near = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
-        hint = f" Did you mean {', '.join(repr(n) for n in near)}?" if near else ""
+        hint = did_you_mean(name, known, n=3, cutoff=0.5)
         raise TemplateError(f"no prompt template '{name}' in {TEMPLATE_DIR}.{hint}")
     return path
 
@@ -166,11 +163,6 @@ def template_hash(names: str | Iterable[str]) -> str:
     for name in sorted(set(names)):
         h.update(name.encode("utf-8") + b"\0" + load_template(name).encode("utf-8") + b"\0")
     return h.hexdigest()
-
-
-def format_query(task: str, query: str) -> str:
-    """The query side of a training row: ``Instruct: {task}\\nQuery: {query}``."""
-    return QUERY_FORMAT.format(task=task.strip(), query=query.strip())
 
 
 def weighted_choice(rng: random.Random, weights: Mapping[Any, float]) -> Any:
@@ -442,8 +434,7 @@ def get_kind(name: str) -> TaskKind:
     try:
         return _KINDS[name]
     except KeyError:
-        near = difflib.get_close_matches(name, list(_KINDS), n=2, cutoff=0.5)
-        hint = f" Did you mean {' or '.join(repr(n) for n in near)}?" if near else ""
+        hint = did_you_mean(name, _KINDS, n=2, cutoff=0.5)
         raise UnknownKindError(
             f"unknown task kind '{name}'; known kinds: {', '.join(_KINDS)}.{hint}"
         ) from None

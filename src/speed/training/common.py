@@ -1,14 +1,13 @@
-"""What the SFT and DPO trainers share: device and precision, loading, LoRA, losses, saving.
+"""What the SFT and DPO trainers share: loading, LoRA, losses, saving.
 
 Design choices:
 - One result type, :class:`TrainResult`: the adapter folder (small, what the paper's LoRA produces),
   the merged folder (the base with the adapter folded in, what generation backends load: vLLM,
   llama.cpp after conversion and plain transformers all read a merged model) and the loss of every
   optimizer step.
-- Precision is chosen from the hardware: bf16 mixed precision where the device has bf16 matrix
-  units (CUDA with bf16 support, CPUs with AVX512-BF16 or AMX, where bf16 matrix products run about
-  6x fp32's), fp32 otherwise. TRL's configs default to bf16 even on CPUs that emulate it slowly,
-  and to gradient checkpointing, which small models on CPU do not need; both are set explicitly.
+- Precision is chosen from the hardware by :mod:`speed.precision` (the policy evaluation uses too).
+  TRL's configs default to bf16 even on CPUs that emulate it slowly, and to gradient
+  checkpointing, which small models on CPU do not need; both are set explicitly.
 - Trainable (master) weights are fp32 on CPU; on a GPU with bf16 the base weights load in bf16
   and PEFT keeps the adapter in fp32.
 - Losses are read from the trainer's logs (``logging_steps=1``) through a callback that writes to
@@ -31,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from speed.config import LoRATrainingConfig, Precision
+    from speed.config import LoRATrainingConfig
 
 logger = logging.getLogger(__name__)
 
@@ -146,35 +145,24 @@ def check_rows(rows: Sequence[Mapping[str, Any]], fields: Sequence[str], what: s
 
 
 # --------------------------------------------------------------------------------------------
+# conversational rows (TRL's format, shared by SFT and DPO)
+
+
+def prompt_messages(prompt: str, system: str | None = None) -> list[dict[str, str]]:
+    """The prompt side of a TRL conversational row: the user's message, after ``system`` if given."""
+    messages = [{"role": "user", "content": prompt}]
+    if system:
+        messages.insert(0, {"role": "system", "content": system})
+    return messages
+
+
+def answer_messages(text: str) -> list[dict[str, str]]:
+    """The answer side of a TRL conversational row (a completion, a chosen or rejected answer)."""
+    return [{"role": "assistant", "content": text}]
+
+
+# --------------------------------------------------------------------------------------------
 # hardware
-
-
-def device_name() -> str:
-    """``cuda`` when a CUDA device is visible, else ``cpu``."""
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def cpu_has_bf16() -> bool:
-    """Whether this CPU has bf16 matrix instructions (AVX512-BF16 or AMX)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            flags = fh.read()
-    except OSError:
-        return False
-    return any(f in flags for f in ("avx512_bf16", "amx_bf16"))
-
-
-def choose_precision(precision: Precision, device: str) -> str:
-    """``bf16`` or ``fp32``: the requested one, or for ``auto`` what the hardware runs fast."""
-    if precision != "auto":
-        return precision
-    if device == "cuda":
-        import torch
-
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if cpu_has_bf16() else "fp32"
 
 
 def set_threads(threads: int | None) -> None:

@@ -48,7 +48,10 @@ from pathlib import Path
 from typing import Any
 
 from speed.config import EmbedConfig
+from speed.formats import format_query
+from speed.io import atomic_write, read_jsonl
 from speed.models import resolve_hf
+from speed.precision import Chosen, choose_precision, device_name
 
 logger = logging.getLogger(__name__)
 
@@ -136,8 +139,6 @@ def prepare_rows(
     Returns:
         The usable rows; the others are counted in ``dropped``.
     """
-    from speed.evaluation.instructions import format_query
-
     dropped = dropped if dropped is not None else Counter()
     out: list[dict[str, str]] = []
     for row in rows:
@@ -155,7 +156,7 @@ def prepare_rows(
         negative = _first(row, NEGATIVE_FIELDS)
         instruction = _first(row, INSTRUCTION_FIELDS) if use_instructions else None
         item = {
-            "anchor": format_query(instruction if isinstance(instruction, str) else None, query.strip()),
+            "anchor": format_query(instruction if isinstance(instruction, str) else None, query),
             "positive": positive.strip(),
             "source": source,
         }
@@ -177,18 +178,10 @@ def read_jsonl_rows(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     p = Path(path)
     if not p.is_file():
         raise EmbedDataError(f"embed.extra_data: file '{p}' not found; list JSONL files of training rows")
-    out = []
-    with p.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise EmbedDataError(
-                    f"embed.extra_data: {p}:{lineno} is not valid JSON ({err.msg})"
-                ) from None
-    return out
+    try:
+        return read_jsonl(p, error=EmbedDataError)
+    except EmbedDataError as err:
+        raise EmbedDataError(f"embed.extra_data: {err}") from None
 
 
 def _datasets(rows: list[dict[str, str]]) -> Any:
@@ -265,6 +258,17 @@ def append_eos(tokenizer: Any) -> bool:
     return ok
 
 
+def embed_precision(device: str | None) -> Chosen:
+    """The precision of embedding training on ``device`` (None: the automatic one).
+
+    The shared policy (:func:`speed.precision.choose_precision`, ``auto``) on a CUDA device; fp32 on
+    CPU even where the CPU has bf16 units, as this trainer has always done: ``embed`` has no
+    precision field to opt in with, and adding one would change every embed stage key.
+    """
+    on_gpu = device != "cpu" and device_name() == "cuda"
+    return choose_precision("auto", device or "cuda") if on_gpu else "fp32"
+
+
 def build_model(
     model: str | os.PathLike[str],
     cfg: EmbedConfig,
@@ -324,11 +328,10 @@ def build_model(
             cfg.max_length, getattr(hf_config, "max_position_embeddings", cfg.max_length) or cfg.max_length
         )
         model_kwargs: dict[str, Any] = {}
-        if device != "cpu":
+        if info["decoder"] and embed_precision(device) == "bf16":
             import torch
 
-            if torch.cuda.is_available() and torch.cuda.is_bf16_supported() and info["decoder"]:
-                model_kwargs["dtype"] = torch.bfloat16
+            model_kwargs["dtype"] = torch.bfloat16
         transformer = Transformer(path, max_seq_length=max_len, model_kwargs=model_kwargs)
         tokenizer = transformer.tokenizer
         if tokenizer.pad_token is None:
@@ -530,7 +533,7 @@ def train_embedder(
     if logging_steps is None:
         logging_steps = max(1, planned // 200)
     use_cpu = device == "cpu" or not torch.cuda.is_available()
-    bf16 = (not use_cpu) and torch.cuda.is_bf16_supported()
+    bf16 = embed_precision(device) == "bf16"
 
     start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="speed-embed-") as tmp:
@@ -615,9 +618,8 @@ def train_embedder(
             "base_model": str(model),
             "seed": seed,
         }
-        tmp_path = out / ".training_stats.json.tmp"
-        tmp_path.write_text(json.dumps(stats, indent=2) + "\n", encoding="utf-8")
-        tmp_path.replace(out / "training_stats.json")
+        with atomic_write(out / "training_stats.json") as fh:
+            fh.write(json.dumps(stats, indent=2) + "\n")
     logger.info(
         "trained %s for %d steps on %d rows in %.0f s (%.1f rows/s); loss %.4f -> %.4f; saved to %s",
         model,

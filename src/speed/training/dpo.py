@@ -26,16 +26,17 @@ from pathlib import Path
 from typing import Any
 
 from speed.config import DPOConfig
+from speed.precision import choose_precision, device_name
 from speed.training.common import (
     TrainingInputError,
     TrainResult,
+    answer_messages,
     check_rows,
-    choose_precision,
-    device_name,
     drop_long_prompts,
     load_causal_lm,
     load_tokenizer,
     lora_config,
+    prompt_messages,
     quiet_trainer,
     require_training_stack,
     set_threads,
@@ -48,19 +49,14 @@ logger = logging.getLogger(__name__)
 
 def to_conversational(rows: Sequence[Mapping[str, Any]], system: str | None = None) -> list[dict[str, Any]]:
     """Plain ``{prompt, chosen, rejected}`` rows as TRL conversational preference rows."""
-    out = []
-    for row in rows:
-        prompt = [{"role": "user", "content": row["prompt"]}]
-        if system:
-            prompt.insert(0, {"role": "system", "content": system})
-        out.append(
-            {
-                "prompt": prompt,
-                "chosen": [{"role": "assistant", "content": row["chosen"]}],
-                "rejected": [{"role": "assistant", "content": row["rejected"]}],
-            }
-        )
-    return out
+    return [
+        {
+            "prompt": prompt_messages(row["prompt"], system),
+            "chosen": answer_messages(row["chosen"]),
+            "rejected": answer_messages(row["rejected"]),
+        }
+        for row in rows
+    ]
 
 
 def _check_pairs(rows: Sequence[Mapping[str, Any]], what: str) -> None:

@@ -33,15 +33,16 @@ from pathlib import Path
 from typing import Any
 
 from speed.config import SFTConfig
+from speed.precision import choose_precision, device_name
 from speed.training.common import (
     TrainResult,
+    answer_messages,
     check_rows,
-    choose_precision,
-    device_name,
     drop_long_prompts,
     load_causal_lm,
     load_tokenizer,
     lora_config,
+    prompt_messages,
     quiet_trainer,
     require_training_stack,
     set_threads,
@@ -59,13 +60,10 @@ def to_conversational(rows: Sequence[Mapping[str, Any]], system: str | None = No
         rows: rows with string fields ``prompt`` and ``completion``.
         system: an optional system message put before every prompt.
     """
-    out = []
-    for row in rows:
-        prompt = [{"role": "user", "content": row["prompt"]}]
-        if system:
-            prompt.insert(0, {"role": "system", "content": system})
-        out.append({"prompt": prompt, "completion": [{"role": "assistant", "content": row["completion"]}]})
-    return out
+    return [
+        {"prompt": prompt_messages(row["prompt"], system), "completion": answer_messages(row["completion"])}
+        for row in rows
+    ]
 
 
 def train_sft(

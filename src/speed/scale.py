@@ -1,5 +1,8 @@
 """Scale study: how embedding quality grows with the number of synthetic examples.
 
+It trains (:mod:`speed.training`) and evaluates (:mod:`speed.evaluation`), so it sits above both:
+neither of them imports the other.
+
 SPEED reports that quality grows log-linearly with the amount of synthetic data. This module checks
 that on our own data: it trains one embedder per size on nested subsets (each subset is the first
 ``n`` rows of one seeded shuffle, so a larger set contains every smaller one and sizes differ only in
@@ -25,7 +28,11 @@ from pathlib import Path
 from typing import Any
 
 from speed.config import EmbedConfig
+from speed.evaluation.mteb_eval import evaluate_model
 from speed.evaluation.registry import resolve_task_names
+from speed.evaluation.results import write_results
+from speed.io import atomic_write
+from speed.training.contrastive import train_embedder
 
 logger = logging.getLogger(__name__)
 
@@ -154,9 +161,6 @@ def scale_study(
     Raises:
         ValueError: no sizes, or a size outside 1..len(train_rows).
     """
-    from speed.evaluation.mteb_eval import evaluate_model
-    from speed.training.contrastive import train_embedder
-
     cfg = embed_cfg or EmbedConfig.model_validate({})
     names = resolve_task_names(tasks)
     wanted = sorted({int(n) for n in sizes})
@@ -216,8 +220,6 @@ def scale_study(
                 precision=precision,
             )
             result["training"] = train_info
-            from speed.evaluation.results import write_results
-
             write_results(eval_dir, result, baseline_result)
             if not keep_models:
                 shutil.rmtree(model_dir, ignore_errors=True)
@@ -252,9 +254,8 @@ def scale_study(
     json_path = out / "scale_study.json"
     plot_path = plot_scale(study, out / "scale_plot.png")
     study["paths"] = {"json": str(json_path), "plot": str(plot_path)}
-    tmp = json_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(study, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(json_path)
+    with atomic_write(json_path) as fh:
+        fh.write(json.dumps(study, indent=2) + "\n")
     fit = study["fit"]
     logger.info(
         "scale study: score = %.4f + %.4f ln(n) (R² %.3f) over sizes %s",
