@@ -19,7 +19,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test test-fast lint bench clean doctor llama-rebuild
+.PHONY: setup demo test test-fast lint bench clean doctor llama-rebuild gpu-check
 
 $(VENV)/.setup-done: pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -53,6 +53,9 @@ lint: setup
 	$(VENV)/bin/ruff format --check src tests bench
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports  # the layers of pyproject.toml's [tool.importlinter]: imports only point down
+
+gpu-check:  ## on a GPU machine: CUDA training steps, vLLM with LoRA and structured output (bench/gpu_check.sh)
+	bash bench/gpu_check.sh
 
 bench: setup  ## benchmarks print figures; they never assert on time
 	for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
