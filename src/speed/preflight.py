@@ -312,7 +312,10 @@ def check_ledger(run_dir: Path) -> Check:
         return Check(name, True, "no ledger yet (made when the first call is recorded)")
     move = f"mv '{path}' '{path}.damaged'"
     try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        # a WAL database opened even read-only makes its -wal and -shm files; where no writer has
+        # them open (no -wal file), read the file as immutable so that a refused run leaves no trace
+        wal = path.with_name(path.name + "-wal").exists()
+        conn = sqlite3.connect(f"file:{path}?mode=ro" + ("" if wal else "&immutable=1"), uri=True)
         try:
             has_calls = conn.execute(
                 "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'calls'"
