@@ -8,16 +8,21 @@ done from Python. Heavy modules are imported inside the subcommand that needs th
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from speed.config import ConfigError, SpeedConfig, load_config
 from speed.export import ExportError
+from speed.io import DamagedFileError
+from speed.ledger import LedgerError
 from speed.llm.base import BackendError
+from speed.runlock import RunLockedError
 from speed.runner import StageError
 
 logger = logging.getLogger("speed.cli")
@@ -43,10 +48,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.override)
     run_dir = Path(cfg.run.dir)
-    setup_logging(run_dir, cfg.run.log_level)
     runner = Runner(cfg)
-    logger.info("run %s: %d stages", run_dir, len(runner.stages))
-    statuses = runner.run(only=args.only, until=args.until)
+
+    def start() -> None:
+        # the log file lives in the run folder: started only once the run really starts
+        setup_logging(run_dir, cfg.run.log_level)
+        logger.info("run %s: %d stages", run_dir, len(runner.stages))
+
+    statuses = runner.run(only=args.only, until=args.until, on_start=start)
     if not args.only and not args.until and all(s.state == "done" for s in statuses):
         report = _try_report(run_dir)
         if report:
@@ -72,8 +81,22 @@ def cmd_report(args: argparse.Namespace) -> int:
     run_dir = Path(args.run)
     if not run_dir.is_dir():
         raise ConfigError(f"'{run_dir}' is not a folder; pass a run directory")
+    if not _looks_like_a_run(run_dir):
+        # the report writes report.html and summary.json: never into a folder that is not a run
+        raise ConfigError(
+            f"'{run_dir}' is not a run directory (no config.yaml, ledger.sqlite or finished stage); "
+            "pass the folder `speed run` made"
+        )
     print(build_report(run_dir))
     return 0
+
+
+def _looks_like_a_run(run_dir: Path) -> bool:
+    return (
+        (run_dir / "config.yaml").is_file()
+        or (run_dir / "ledger.sqlite").is_file()
+        or any(run_dir.glob("*/manifest.json"))
+    )
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -87,7 +110,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 def _print_status(statuses: list[Any], run_dir: Path, cfg: SpeedConfig) -> None:
     from speed.ledger import Ledger
 
-    ledger = Ledger(run_dir / "ledger.sqlite") if (run_dir / "ledger.sqlite").exists() else None
+    # a reader: never turn an empty or damaged ledger into a new one (create=False)
+    path = run_dir / "ledger.sqlite"
+    ledger = Ledger(path, create=False) if path.exists() and path.stat().st_size else None
     rows = [("stage", "state", "count", "drops", "teacher calls", "time (s)")]
     for s in statuses:
         m = s.manifest or {}
@@ -106,6 +131,11 @@ def _print_status(statuses: list[Any], run_dir: Path, cfg: SpeedConfig) -> None:
         )
     print(f"run {run_dir}")
     _print_table(rows)
+    for s in statuses:
+        if s.problem:
+            print(f"{s.name}: damaged: {s.problem}; `speed run` redoes it")
+    if path.exists() and not path.stat().st_size:
+        print(f"the call ledger {path} is empty (0 bytes): teacher calls cannot be counted")
     if ledger:
         ledger.close()
 
@@ -217,30 +247,35 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_scale_study(args: argparse.Namespace) -> int:
     from speed.io import read_rows
+    from speed.runlock import RunLock
     from speed.scale import scale_study
 
     cfg, run_dir = _load_run(args.run)
     synth = run_dir / "synthesize"
     if not (synth / "manifest.json").exists():
         raise ConfigError(f"'{run_dir}' has no finished synthesize stage; run the pipeline first")
+    try:
+        sizes = [int(x) for x in args.sizes.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"--sizes '{args.sizes}': give whole numbers, e.g. 1000,2000,4000") from None
     rows = read_rows(synth)
-    sizes = [int(x) for x in args.sizes.split(",") if x.strip()]
     too_big = [n for n in sizes if n > len(rows)]
     if too_big:
         raise ConfigError(f"--sizes {too_big} exceed the {len(rows)} training rows of {synth}")
-    study = scale_study(
-        rows,
-        sizes,
-        cfg.models.embedder.model or "",
-        args.tasks.split(",") if args.tasks else cfg.evaluate.tasks,
-        args.out or run_dir / "scale_study",
-        cfg.embed,
-        data_dir=cfg.evaluate.data_dir,
-        baseline=cfg.evaluate.baseline or cfg.models.embedder.model,
-        seed=cfg.run.seed,
-        threads=cfg.run.threads,
-        precision=cfg.evaluate.precision,
-    )
+    with RunLock(run_dir):  # it trains and writes into the run folder: one writer at a time
+        study = scale_study(
+            rows,
+            sizes,
+            cfg.models.embedder.model or "",
+            args.tasks.split(",") if args.tasks else cfg.evaluate.tasks,
+            args.out or run_dir / "scale_study",
+            cfg.embed,
+            data_dir=cfg.evaluate.data_dir,
+            baseline=cfg.evaluate.baseline or cfg.models.embedder.model,
+            seed=cfg.run.seed,
+            threads=cfg.run.threads,
+            precision=cfg.evaluate.precision,
+        )
     fit = study["fit"]
     print(f"score = {fit['a']:.4f} + {fit['b']:.4f} ln(n)   (r2 {fit['r2']:.3f}, {fit['n_points']} points)")
     print(f"plot: {study['paths']['plot']}")
@@ -269,9 +304,21 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="speed", description=__doc__.split("\n")[0])
     p.add_argument("--version", action="version", version=f"speed {__import__('speed').__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="show the traceback of an error")
+    # -v also after the subcommand; SUPPRESS keeps a subcommand's default from hiding `speed -v run`
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="show the traceback of an error",
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    r = sub.add_parser("run", help="run the pipeline of a config (resumes; skips finished stages)")
+    r = sub.add_parser(
+        "run", parents=[common], help="run the pipeline of a config (resumes; skips finished stages)"
+    )
     r.add_argument("config", help="YAML config, e.g. configs/quickstart.yaml")
     r.add_argument(
         "-o",
@@ -286,32 +333,38 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--until", metavar="STAGE", help="run this stage and what it needs")
     r.set_defaults(func=cmd_run)
 
-    st = sub.add_parser("stage", help="run one stage of a config (same as run --only)")
+    st = sub.add_parser("stage", parents=[common], help="run one stage of a config (same as run --only)")
     st.add_argument("config")
     st.add_argument("only", metavar="STAGE")
     st.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE")
     st.set_defaults(func=cmd_run, until=None)
 
-    s = sub.add_parser("status", help="stages done, stale or pending, with counts, teacher calls, time")
+    s = sub.add_parser(
+        "status", parents=[common], help="stages done, stale or pending, with counts, teacher calls, time"
+    )
     s.add_argument("run", help="run directory")
     s.set_defaults(func=cmd_status)
 
-    sh = sub.add_parser("show", help="pretty-print a stage's examples")
+    sh = sub.add_parser("show", parents=[common], help="pretty-print a stage's examples")
     sh.add_argument("run")
     sh.add_argument("stage")
     sh.add_argument("-n", type=int, default=3, help="how many (default 3)")
     sh.set_defaults(func=cmd_show)
 
-    c = sub.add_parser("cost", help="teacher calls and tokens per stage, and per final example")
+    c = sub.add_parser(
+        "cost", parents=[common], help="teacher calls and tokens per stage, and per final example"
+    )
     c.add_argument("run")
     c.add_argument("--json", action="store_true", help="print JSON")
     c.set_defaults(func=cmd_cost)
 
-    rp = sub.add_parser("report", help="(re)build report.html and summary.json of a run")
+    rp = sub.add_parser("report", parents=[common], help="(re)build report.html and summary.json of a run")
     rp.add_argument("run")
     rp.set_defaults(func=cmd_report)
 
-    e = sub.add_parser("eval", help="evaluate an embedding model on MTEB tasks read from local folders")
+    e = sub.add_parser(
+        "eval", parents=[common], help="evaluate an embedding model on MTEB tasks read from local folders"
+    )
     e.add_argument("model", help="model folder, packaged model or hub name")
     e.add_argument(
         "--tasks",
@@ -332,7 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.set_defaults(func=cmd_eval)
 
-    x = sub.add_parser("export", help="export a run's synthetic data for other trainers")
+    x = sub.add_parser("export", parents=[common], help="export a run's synthetic data for other trainers")
     x.add_argument("run")
     x.add_argument("--format", required=True, choices=["hf", "sentence-transformers", "flagembedding"])
     x.add_argument("out", help="output folder (flagembedding: a .jsonl file or a folder)")
@@ -340,7 +393,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--seed", type=int, default=0, help="seed of flagembedding's sampled negatives")
     x.set_defaults(func=cmd_export)
 
-    sv = sub.add_parser("serve", help="serve a model with llama.cpp's OpenAI-compatible server (127.0.0.1)")
+    sv = sub.add_parser(
+        "serve", parents=[common], help="serve a model with llama.cpp's OpenAI-compatible server (127.0.0.1)"
+    )
     sv.add_argument("model", help="packaged model name (see `speed models`) or a GGUF path")
     sv.add_argument("--port", type=int, default=None)
     sv.add_argument("--threads", type=int, default=1)
@@ -350,6 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser(
         "doctor",
+        parents=[common],
         help="what this machine and install have and lack for each role, with fixes (exit 1: cannot run)",
     )
     d.add_argument("config", nargs="?", help="config to check (default: configs/quickstart.yaml)")
@@ -357,10 +413,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-llama", action="store_true", help="skip running llama.cpp on a packaged model")
     d.set_defaults(func=cmd_doctor)
 
-    m = sub.add_parser("models", help="list the models that install from PyPI packages")
+    m = sub.add_parser("models", parents=[common], help="list the models that install from PyPI packages")
     m.set_defaults(func=cmd_models)
 
-    sc = sub.add_parser("scale-study", help="train on nested subsets, evaluate, fit score = a + b ln(n)")
+    sc = sub.add_parser(
+        "scale-study", parents=[common], help="train on nested subsets, evaluate, fit score = a + b ln(n)"
+    )
     sc.add_argument("run")
     sc.add_argument("--sizes", required=True, help="comma-separated subset sizes, e.g. 1000,2000,4000")
     sc.add_argument("--tasks", help="comma-separated tasks (default: evaluate.tasks of the run)")
@@ -369,9 +427,44 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _os_error_message(err: OSError) -> str:
+    """Words for an operating-system error: the file, what happened, and the fix."""
+    where = f" '{err.filename}'" if err.filename else ""
+    what = err.strerror or str(err)
+    if err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        fix = "the disk is full: free space (or move run.dir elsewhere) and rerun; finished work resumes"
+    elif err.errno == errno.EFBIG:
+        fix = "a file-size limit was reached (ulimit -f): raise it and rerun; finished work resumes"
+    elif isinstance(err, PermissionError) or err.errno == errno.EROFS:
+        fix = "no permission to write there: make it writable (chmod u+w) or choose another run.dir"
+    elif isinstance(err, NotADirectoryError):
+        fix = "a file stands where a folder is needed: move the file away or choose another run.dir"
+    elif isinstance(err, IsADirectoryError):
+        fix = "a folder stands where a file is needed: move it away"
+    elif isinstance(err, FileNotFoundError):
+        fix = "it does not exist: check the path; if it was part of a finished stage, rerun to redo it"
+    else:
+        fix = "check the file and the disk, then rerun"
+    return f"{what}:{where}: {fix}" if where else f"{what}: {fix}"
+
+
+#: errors that are the user's to fix (a config, a run folder, a dead server, a damaged file, a
+#: busy run): shown as one line of words, exit 2; -v adds the traceback
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ConfigError,
+    StageError,
+    ExportError,
+    BackendError,
+    LedgerError,
+    DamagedFileError,
+    RunLockedError,
+)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    verbose = bool(getattr(args, "verbose", False))
     if not logging.getLogger("speed").handlers:
         logging.basicConfig(
             level=logging.INFO, format="%(asctime)s %(levelname).1s %(message)s", datefmt="%H:%M:%S"
@@ -380,13 +473,22 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, StageError, ExportError, BackendError) as err:
+    except USER_ERRORS as err:
         # a dead or crashed model server is the user's to fix, not a bug: words, not a traceback
-        print(f"speed: error: {err}", file=sys.stderr)
-        return 2
+        return _fail(str(err), verbose)
+    except OSError as err:
+        # permissions, full disks, file-size limits, a file where a folder belongs: the user's too
+        return _fail(_os_error_message(err), verbose)
     except KeyboardInterrupt:
         print("speed: interrupted", file=sys.stderr)
         return 130
+
+
+def _fail(message: str, verbose: bool) -> int:
+    if verbose:
+        traceback.print_exc()
+    print(f"speed: error: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

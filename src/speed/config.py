@@ -23,6 +23,7 @@ from pydantic import (
     Field,
     PlainValidator,
     SerializeAsAny,
+    StrictInt,
     TypeAdapter,
     ValidationError,
     field_validator,
@@ -67,13 +68,13 @@ class ModelSpec(Section):
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
     temperature: float = Field(1.0, ge=0.0, description="Default sampling temperature of this role.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Default nucleus sampling p of this role.")
-    max_tokens: int = Field(1024, gt=0, description="Default cap on generated tokens per sample.")
+    max_tokens: StrictInt = Field(1024, gt=0, description="Default cap on generated tokens per sample.")
     # every role has threads, also an API one: the training stages take the role's threads whatever
     # runs it, and `-o models.teacher.threads=N` must not fail by backend
-    threads: int | None = Field(
+    threads: StrictInt | None = Field(
         None, gt=0, description="CPU threads (llama.cpp, torch, training); None: run.threads."
     )
-    batch_size: int = Field(
+    batch_size: StrictInt = Field(
         8, gt=0, description="Sequences per forward pass (hf); at most this many answers per ledger write."
     )
 
@@ -129,6 +130,10 @@ _FLAT_IDENTITY: dict[str, Any] = {
 
 Dtype = Literal["auto", "bfloat16", "float16", "float32"]
 
+#: the smallest context length a generator may have: every prompt template alone takes a few hundred
+#: tokens, so a smaller window only buys retries of the server's "context exceeded" errors
+MIN_N_CTX = 256
+
 
 class LocalSpec(ModelSpec):
     """A backend that loads the weights on this machine: a GGUF, a transformers folder, an adapter.
@@ -170,17 +175,17 @@ class OpenAISpec(ModelSpec):
     api_key_env: str | None = Field(
         None, description="Name of the environment variable holding the API key (never the key)."
     )
-    concurrency: int = Field(8, gt=0, description="Requests in flight at once.")
+    concurrency: StrictInt = Field(8, gt=0, description="Requests in flight at once.")
     requests_per_minute: float | None = Field(None, gt=0, description="Rate limit on request starts.")
     timeout_s: float = Field(300.0, gt=0, description="Timeout of one HTTP request.")
-    max_retries: int = Field(6, ge=0, description="Retries on 429, 5xx, timeouts, dropped connections.")
+    max_retries: StrictInt = Field(6, ge=0, description="Retries on 429, 5xx, timeouts, dropped connections.")
     options: OpenAIOptions = Field(default_factory=OpenAIOptions)
 
 
 class LlamaCppSamplerOptions(Section):
     """llama.cpp's sampler extras, off by default so that a request samples as its Sampling says."""
 
-    top_k: int = Field(0, ge=0, description="Top-k sampling; 0: off.")
+    top_k: StrictInt = Field(0, ge=0, description="Top-k sampling; 0: off.")
     min_p: float = Field(0.0, ge=0, le=1, description="Min-p sampling; 0: off.")
     repeat_penalty: float = Field(1.0, gt=0, description="Repetition penalty; 1: off.")
 
@@ -201,17 +206,21 @@ class LlamaCppServerSpec(LocalSpec):
     """A llama.cpp server that speed starts on 127.0.0.1 and stops at the end of the run."""
 
     backend: Literal["llamacpp_server"] = "llamacpp_server"
-    n_ctx: int = Field(4096, gt=0, description="Context length.")
-    concurrency: int = Field(8, gt=0, description="Requests in flight (the server itself takes at most 2).")
+    n_ctx: StrictInt = Field(
+        4096, ge=MIN_N_CTX, description="Context length (at least 256: prompts alone take more)."
+    )
+    concurrency: StrictInt = Field(
+        8, gt=0, description="Requests in flight (the server itself takes at most 2)."
+    )
     timeout_s: float = Field(300.0, gt=0, description="Timeout of one request (queueing included).")
-    max_retries: int = Field(6, ge=0, description="Retries on errors and dropped connections.")
+    max_retries: StrictInt = Field(6, ge=0, description="Retries on errors and dropped connections.")
     options: LlamaCppServerOptions = Field(default_factory=LlamaCppServerOptions)
 
 
 class LlamaCppOptions(LlamaCppSamplerOptions):
     """Options of the ``llamacpp`` backend (:class:`speed.llm.llamacpp.LlamaCppBackend`)."""
 
-    n_batch: int = Field(512, gt=0, description="Prompt tokens per llama.cpp batch.")
+    n_batch: StrictInt = Field(512, gt=0, description="Prompt tokens per llama.cpp batch.")
     flash_attn: bool = Field(False, description="llama.cpp's flash attention.")
     verbose: bool = Field(False, description="llama.cpp's own log on stderr.")
 
@@ -220,7 +229,9 @@ class LlamaCppSpec(LocalSpec):
     """llama.cpp in this process (GGUF, CPU)."""
 
     backend: Literal["llamacpp"] = "llamacpp"
-    n_ctx: int = Field(4096, gt=0, description="Context length.")
+    n_ctx: StrictInt = Field(
+        4096, ge=MIN_N_CTX, description="Context length (at least 256: prompts alone take more)."
+    )
     options: LlamaCppOptions = Field(default_factory=LlamaCppOptions)
 
 
@@ -230,7 +241,7 @@ class HFOptions(Section):
     merge_adapter: bool = Field(
         True, description="Merge a LoRA adapter into the weights (faster generation)."
     )
-    top_k: int = Field(0, ge=0, description="Top-k sampling; 0: off.")
+    top_k: StrictInt = Field(0, ge=0, description="Top-k sampling; 0: off.")
     trust_remote_code: bool = Field(False, description="Run model code from the hub (transformers' flag).")
 
 
@@ -253,9 +264,11 @@ class VLLMOptions(Section):
     gpu_memory_utilization: float | None = Field(
         None, gt=0, le=1, description="Share of GPU memory vLLM may take (vLLM: 0.9)."
     )
-    tensor_parallel_size: int | None = Field(None, gt=0, description="GPUs one replica is split over.")
-    max_model_len: int | None = Field(None, gt=0, description="Context length; unset: the spec's n_ctx.")
-    max_num_seqs: int | None = Field(None, gt=0, description="Sequences per scheduler step.")
+    tensor_parallel_size: StrictInt | None = Field(None, gt=0, description="GPUs one replica is split over.")
+    max_model_len: StrictInt | None = Field(
+        None, gt=0, description="Context length; unset: the spec's n_ctx."
+    )
+    max_num_seqs: StrictInt | None = Field(None, gt=0, description="Sequences per scheduler step.")
     enforce_eager: bool | None = Field(None, description="No CUDA graphs (less memory, slower).")
     enable_prefix_caching: bool | None = Field(None, description="Reuse the KV cache of shared prefixes.")
     quantization: str | None = Field(None, description="Quantization method of the weights (awq, fp8, ...).")
@@ -286,7 +299,9 @@ class VLLMSpec(LocalSpec):
     """vLLM in this process (GPU): the paper-scale generator backend."""
 
     backend: Literal["vllm"] = "vllm"
-    n_ctx: int = Field(4096, gt=0, description="Context length (vLLM's max_model_len unless set).")
+    n_ctx: StrictInt = Field(
+        4096, ge=MIN_N_CTX, description="Context length (vLLM's max_model_len unless set; at least 256)."
+    )
     dtype: Dtype = Field("auto", description="Weights dtype.")
     options: VLLMOptions = Field(default_factory=VLLMOptions)
 
@@ -417,8 +432,17 @@ class RunConfig(Section):
     """Where the run lives and what holds for all of it."""
 
     dir: str = Field("runs/default", description="Run directory; everything of the run is inside.")
-    seed: int = Field(0, description="Seed of every sampler and trainer; part of every stage key.")
-    threads: int = Field(
+
+    @field_validator("dir")
+    @classmethod
+    def _a_folder(cls, value: str) -> str:
+        # "" would put the run's files into whatever folder speed is started from
+        if not value.strip():
+            raise ValueError("run.dir is empty; name the run's folder, e.g. runs/my-run")
+        return value
+
+    seed: StrictInt = Field(0, description="Seed of every sampler and trainer; part of every stage key.")
+    threads: StrictInt = Field(
         1, gt=0, description="CPU threads per process; one often beats two on a busy 2-core machine."
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -440,7 +464,7 @@ class ExecutorConfig(Section):
 
     kind: Literal["local", "ray"] = Field("local", description="local: this process; ray: ray.data.")
     address: str | None = Field(None, description="Ray cluster address; None starts a local Ray.")
-    num_workers: int = Field(2, gt=0, description="Ray actors, one model replica each.")
+    num_workers: StrictInt = Field(2, gt=0, description="Ray actors, one model replica each.")
     cpus_per_worker: float = Field(1.0, ge=0, description="CPUs reserved per Ray actor.")
     gpus_per_worker: float = Field(0.0, ge=0, description="GPUs reserved per Ray actor.")
 
@@ -459,8 +483,8 @@ class TopicsConfig(Section):
     domain: str | None = Field(
         None, description="A user domain ('biomedical research'); the teacher expands it into subtopics."
     )
-    num_subtopics: int = Field(50, gt=0, description="Subtopics the teacher writes for `domain`.")
-    max_depth: int = Field(4, gt=0, description="Cut taxonomy paths at this depth.")
+    num_subtopics: StrictInt = Field(50, gt=0, description="Subtopics the teacher writes for `domain`.")
+    max_depth: StrictInt = Field(4, gt=0, description="Cut taxonomy paths at this depth.")
 
 
 class BrainstormConfig(Section):
@@ -471,9 +495,9 @@ class BrainstormConfig(Section):
         description="Kinds to get tasks for; kinds that are not brainstormed (sts, bitext) get their "
         "fixed task descriptions without a teacher call.",
     )
-    calls_per_kind: int = Field(200, gt=0, description="Teacher calls per kind, one topic each.")
-    tasks_per_call: int = Field(5, gt=0, description="Tasks asked per call (SPEED: about 5).")
-    keep_per_call: int | None = Field(
+    calls_per_kind: StrictInt = Field(200, gt=0, description="Teacher calls per kind, one topic each.")
+    tasks_per_call: StrictInt = Field(5, gt=0, description="Tasks asked per call (SPEED: about 5).")
+    keep_per_call: StrictInt | None = Field(
         1,
         gt=0,
         description="Tasks kept per call, drawn at random from the distinct ones it returned (SPEED: "
@@ -497,7 +521,7 @@ PAPER_KIND_MIX: dict[str, float] = {
 class SeedConfig(Section):
     """The teacher writes seed examples for sampled (task, attributes) prompts."""
 
-    num_examples: int = Field(25_000, gt=0, description="Seed examples (paper: 25K teacher calls).")
+    num_examples: StrictInt = Field(25_000, gt=0, description="Seed examples (paper: 25K teacher calls).")
     kind_mix: dict[str, float] = Field(
         default_factory=lambda: dict(PAPER_KIND_MIX),
         description="Relative weights of kinds in the generation prompts of seed, candidates and "
@@ -529,13 +553,13 @@ class LoRATrainingConfig(Section):
     """What every LoRA fine-tune of a generator shares (junior, senior, revisor)."""
 
     learning_rate: float = Field(1e-4, gt=0)
-    batch_size: int = Field(16, gt=0, description="Effective batch (per device x accumulation).")
-    per_device_batch_size: int = Field(4, gt=0)
+    batch_size: StrictInt = Field(16, gt=0, description="Effective batch (per device x accumulation).")
+    per_device_batch_size: StrictInt = Field(4, gt=0)
     epochs: float = Field(1.0, gt=0)
-    max_steps: int = Field(-1, description="If > 0, stop after this many optimizer steps.")
-    max_length: int = Field(2048, gt=0, description="Prompt plus completion tokens.")
-    lora_r: int = Field(16, gt=0)
-    lora_alpha: int = Field(32, gt=0)
+    max_steps: StrictInt = Field(-1, description="If > 0, stop after this many optimizer steps.")
+    max_length: StrictInt = Field(2048, gt=0, description="Prompt plus completion tokens.")
+    lora_r: StrictInt = Field(16, gt=0)
+    lora_alpha: StrictInt = Field(32, gt=0)
     lora_dropout: float = Field(0.05, ge=0, lt=1)
     lora_target_modules: str | list[str] = Field(
         "all-linear",
@@ -555,8 +579,8 @@ class SFTConfig(LoRATrainingConfig):
 class CandidatesConfig(Section):
     """The junior samples K candidates per new prompt for the judge."""
 
-    num_prompts: int = Field(10_000, gt=0, description="Prompts to sample (paper: 10K judge calls).")
-    k: int = Field(5, ge=2, description="Candidates per prompt.")
+    num_prompts: StrictInt = Field(10_000, gt=0, description="Prompts to sample (paper: 10K judge calls).")
+    k: StrictInt = Field(5, ge=2, description="Candidates per prompt.")
     temperature: float = Field(1.0, ge=0)
 
 
@@ -582,38 +606,38 @@ class DPOConfig(LoRATrainingConfig):
 
     beta: float = Field(0.1, gt=0, description="SPEED: best of 0.05-0.3.")
     learning_rate: float = Field(1e-5, gt=0)
-    max_length: int = Field(2048, gt=0, description="Prompt plus the longer of chosen and rejected.")
+    max_length: StrictInt = Field(2048, gt=0, description="Prompt plus the longer of chosen and rejected.")
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
 
 
 class RevisionsConfig(Section):
     """The senior writes, the teacher revises."""
 
-    num_prompts: int = Field(10_000, gt=0, description="Prompts (paper: 10K revision calls).")
+    num_prompts: StrictInt = Field(10_000, gt=0, description="Prompts (paper: 10K revision calls).")
 
 
 class RevisorConfig(SFTConfig):
     """SFT of the data revisor (SPEED: lr 5e-6, batch 24)."""
 
     learning_rate: float = Field(5e-6, gt=0)
-    batch_size: int = Field(24, gt=0)
+    batch_size: StrictInt = Field(24, gt=0)
 
 
 class SynthesizeConfig(Section):
     """Senior writes, revisor fixes, then parse, filter, dedup, decontaminate."""
 
-    num_examples: int = Field(920_000, gt=0, description="Prompts to generate for (SPEED: 920K kept).")
+    num_examples: StrictInt = Field(920_000, gt=0, description="Prompts to generate for (SPEED: 920K kept).")
     kind_mix: dict[str, float] = Field(
         default_factory=lambda: dict(PAPER_KIND_MIX),
         description="Relative weights of kinds (SPEED 7:7:7:2, matching split in two).",
     )
     revise: bool = Field(True, description="One revisor pass over the senior's outputs.")
-    shard_size: int = Field(1000, gt=0, description="Prompts per shard (the unit of resume).")
+    shard_size: StrictInt = Field(1000, gt=0, description="Prompts per shard (the unit of resume).")
     dedup_threshold: float = Field(0.8, gt=0, le=1, description="MinHash Jaccard threshold.")
     decontaminate: bool = Field(
         True, description="Drop examples sharing text with the evaluate.tasks data (needs the eval folder)."
     )
-    decontam_ngram: int = Field(13, gt=0, description="n of the word n-grams shared with eval text.")
+    decontam_ngram: StrictInt = Field(13, gt=0, description="n of the word n-grams shared with eval text.")
     language: str = Field("English")
     check_language: bool = Field(True, description="Drop examples in another language than asked.")
     json_schema: bool = Field(
@@ -625,7 +649,12 @@ class SynthesizeConfig(Section):
     @field_validator("kind_mix")
     @classmethod
     def _positive_mix(cls, value: dict[str, float]) -> dict[str, float]:
+        # the kind names are checked here, on the field, so that the error names
+        # synthesize.kind_mix and not the whole config
+        valid = sorted(KindName.__args__)  # type: ignore[attr-defined]
         for kind, weight in value.items():
+            if kind not in valid:
+                raise ValueError(_unknown("synthesize.kind_mix", kind, valid))
             if weight < 0:
                 raise ValueError(f"synthesize.kind_mix['{kind}'] is {weight}; weights must be >= 0")
         if not any(w > 0 for w in value.values()):
@@ -638,15 +667,17 @@ class EmbedConfig(Section):
 
     temperature: float = Field(0.02, gt=0, description="InfoNCE temperature (scale = 1/temperature).")
     learning_rate: float = Field(1e-4, gt=0)
-    warmup_steps: int = Field(100, ge=0)
+    warmup_steps: StrictInt = Field(100, ge=0)
     weight_decay: float = Field(0.1, ge=0)
-    batch_size: int = Field(2048, gt=0)
-    mini_batch_size: int | None = Field(None, gt=0, description="GradCache chunk; None: no caching.")
+    batch_size: StrictInt = Field(2048, gt=0)
+    mini_batch_size: StrictInt | None = Field(None, gt=0, description="GradCache chunk; None: no caching.")
     epochs: float = Field(1.0, gt=0)
-    max_steps: int = Field(-1)
-    max_length: int = Field(512, gt=0)
-    lora_r: int | None = Field(16, description="LoRA rank for decoder LLMs; None: full fine-tuning.")
-    lora_alpha: int = Field(32, gt=0, description="LoRA alpha (E5: 32).")
+    max_steps: StrictInt = Field(-1)
+    max_length: StrictInt = Field(512, gt=0)
+    lora_r: StrictInt | None = Field(
+        16, gt=0, description="LoRA rank for decoder LLMs; None: full fine-tuning."
+    )
+    lora_alpha: StrictInt = Field(32, gt=0, description="LoRA alpha (E5: 32).")
     lora_dropout: float = Field(0.1, ge=0, lt=1, description="LoRA dropout (E5: 0.1).")
     merge_lora: bool = Field(
         True,
@@ -672,7 +703,7 @@ class EvaluateConfig(Section):
         description="Give the trained model E5-style per-task instructions on the query side "
         "(set it as embed.use_instructions); the baseline is evaluated without.",
     )
-    batch_size: int = Field(64, gt=0)
+    batch_size: StrictInt = Field(64, gt=0)
     precision: Precision = Field(
         "fp32",
         description="Weights' dtype while encoding, for the trained model and the baseline alike: "
@@ -702,14 +733,6 @@ class SpeedConfig(Section):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     #: sections added by plugins (validated by the stage that owns them)
     extra: dict[str, dict[str, Any]] = Field(default_factory=dict)
-
-    @model_validator(mode="after")
-    def _check_kind_mix(self) -> SpeedConfig:
-        valid = set(KindName.__args__)  # type: ignore[attr-defined]
-        for kind in self.synthesize.kind_mix:
-            if kind not in valid:
-                raise ValueError(_unknown("synthesize.kind_mix", kind, sorted(valid)))
-        return self
 
     def section(self, name: str) -> Any:
         """The config section a stage uses (a model, or a plain dict for plugin sections)."""
@@ -796,6 +819,9 @@ def _explain(err: ValidationError) -> str:
             parent, _ = _fields_at(loc[:-1])
             valid = list(parent.model_fields) if parent is not None else []
             lines.append(_unknown(dotted, loc[-1], valid))
+        elif not dotted:
+            # a check on the whole config: its message names its keys itself
+            lines.append(f"config: {e['msg']}.")
         else:
             got = e.get("input")
             lines.append(f"config key '{dotted}': {e['msg']} (got {got!r}).")
@@ -841,7 +867,47 @@ def apply_override(data: dict[str, Any], override: str) -> None:
             nxt = {}
             node[part] = nxt
         node = nxt
-    node[path[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    try:
+        node[path[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(
+            f"override '{override}': the value is not valid YAML ({problem}); quote it, e.g. {dotted}='\"...\"'"
+        ) from None
+
+
+def _read_yaml(p: Path) -> Any:
+    """The YAML document of a config file; every way it can fail names the file and the fix.
+
+    Raises:
+        ConfigError: the path is missing, a folder, unreadable, not UTF-8, or not valid YAML (with
+            the line and column of the fault).
+    """
+    if p.is_dir():
+        raise ConfigError(
+            f"config file '{p}' is a folder; pass the YAML file inside it, e.g. {p}/config.yaml"
+        )
+    if not p.exists():
+        raise ConfigError(f"config file '{p}' not found; pass a YAML file such as configs/quickstart.yaml")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except PermissionError:
+        raise ConfigError(f"config file '{p}' cannot be read (permission denied); chmod u+r '{p}'") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"config file '{p}' is not UTF-8 text (byte {err.start}); save it as UTF-8"
+        ) from None
+    except OSError as err:
+        raise ConfigError(f"config file '{p}' cannot be read ({err.strerror})") from None
+    try:
+        return yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(
+            f"config file '{p}' is not valid YAML{where}: {problem}; fix the file there"
+        ) from None
 
 
 def load_config(
@@ -855,15 +921,10 @@ def load_config(
     """
     data: dict[str, Any] = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(
-                f"config file '{p}' not found; pass a YAML file such as configs/quickstart.yaml"
-            )
-        loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        loaded = _read_yaml(Path(path))
         if not isinstance(loaded, dict):
             raise ConfigError(
-                f"config file '{p}' must hold a mapping of sections, got {type(loaded).__name__}"
+                f"config file '{path}' must hold a mapping of sections, got {type(loaded).__name__}"
             )
         data = loaded
     for override in overrides or []:

@@ -2,7 +2,9 @@
 
 Design choices:
 - Checks are plain data (:class:`Check`): a name, the roles that need it, whether it holds, what was
-  seen, and the fix. The CLI prints them; tests and other tools read them.
+  seen, and the fix. The CLI prints them; tests and other tools read them. The model, backend and
+  evaluation-data checks are the runner's preflight ones (:mod:`speed.preflight`): one piece of
+  code, so doctor and a refused run never disagree.
 - A check is *required* when the config given (by default configs/quickstart.yaml, else the
   quickstart's own roles) cannot run without it; the exit code is non-zero when a required check
   fails. Everything else (CUDA, vLLM, Ray, Chromium) is reported for the scale-out and test paths.
@@ -13,48 +15,22 @@ Design choices:
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.metadata
-import importlib.util
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from speed import hardware
+from speed import hardware, preflight
+from speed.preflight import BACKEND_MODULES, Check, check_eval
+from speed.preflight import missing_modules as _missing
 
 if TYPE_CHECKING:
     from speed.config import SpeedConfig
 
-#: What each backend needs installed (import names), and the extra that brings it.
-BACKEND_MODULES: dict[str, tuple[tuple[str, ...], str]] = {
-    "llamacpp": (("llama_cpp",), "llamacpp"),
-    "llamacpp_server": (("llama_cpp", "uvicorn", "fastapi", "sse_starlette"), "llamacpp"),
-    "hf": (("torch", "transformers", "peft"), "train"),
-    "vllm": (("vllm",), "vllm"),
-    "openai": (("httpx",), ""),
-}
+# re-exported: they were defined here before the preflight shared them
+__all__ = ["BACKEND_MODULES", "Check", "check_backends", "check_eval", "diagnose", "render"]
+
 TRAINING_MODULES = ("torch", "transformers", "peft", "trl", "datasets", "accelerate", "sentence_transformers")
-
-
-@dataclasses.dataclass
-class Check:
-    """One fact about the machine or the install.
-
-    Attributes:
-        name: what was checked.
-        ok: whether it holds.
-        detail: what was seen.
-        fix: what to do when it does not hold ("" when it does).
-        roles: the roles (or stages) that need it.
-        required: the config cannot run without it.
-    """
-
-    name: str
-    ok: bool
-    detail: str
-    fix: str = ""
-    roles: tuple[str, ...] = ()
-    required: bool = False
 
 
 def _version(dist: str) -> str | None:
@@ -62,10 +38,6 @@ def _version(dist: str) -> str | None:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
         return None
-
-
-def _missing(modules: tuple[str, ...]) -> list[str]:
-    return [m for m in modules if importlib.util.find_spec(m) is None]
 
 
 def check_cpu() -> list[Check]:
@@ -137,44 +109,8 @@ def check_llama_runs(
 
 
 def check_backends(config: SpeedConfig | None) -> list[Check]:
-    """Each role's backend, with the packages it needs and its packaged model."""
-    from speed.config import ROLES
-    from speed.models import is_installed, packaged
-
-    checks = []
-    roles = ROLES if config is not None else ()
-    for role in roles:
-        spec = getattr(config.models, role) if config is not None else None
-        if spec is None:
-            continue
-        backend = spec.backend
-        modules, extra = BACKEND_MODULES.get(backend, ((), ""))
-        missing = _missing(modules)
-        checks.append(
-            Check(
-                f"{role}: backend {backend}",
-                not missing,
-                "installed" if not missing else f"missing {', '.join(missing)}",
-                "" if not missing else f"pip install 'speed[{extra}]' (or make setup)",
-                (role,),
-                required=True,
-            )
-        )
-        model = getattr(spec, "model", None)
-        pm = packaged(model) if model else None
-        if pm is not None:
-            ok = is_installed(pm.name)
-            checks.append(
-                Check(
-                    f"{role}: model {pm.name}",
-                    ok,
-                    "packaged model installed" if ok else "packaged model not installed",
-                    "" if ok else pm.install_command,
-                    (role,),
-                    required=True,
-                )
-            )
-    return checks
+    """Each role's backend, with the packages it needs and its model (the runner's preflight checks)."""
+    return preflight.check_backends(config) if config is not None else []
 
 
 def check_torch() -> list[Check]:
@@ -240,35 +176,6 @@ def check_optional() -> list[Check]:
         )
     )
     return out
-
-
-def check_eval(config: SpeedConfig | None) -> list[Check]:
-    """The evaluation data folder and each configured task's folder in it."""
-    from speed.evaluation.registry import TASKS, resolve_task_names
-    from speed.paths import EvalDataNotFoundError, eval_data_dir
-
-    configured = config.evaluate.data_dir if config is not None else None
-    try:
-        root = eval_data_dir(configured)
-    except EvalDataNotFoundError as err:
-        return [Check("evaluation data", False, str(err), "export SPEED_EVAL_DIR=/path/to/shared/eval",
-                      ("evaluate",), True)]  # fmt: skip
-    checks = [Check("evaluation data", True, str(root), roles=("evaluate",))]
-    names = resolve_task_names(config.evaluate.tasks) if config is not None else []
-    for name in names:
-        folder = root / TASKS[name].folder
-        ok = folder.is_dir()
-        checks.append(
-            Check(
-                f"eval task {name}",
-                ok,
-                str(folder) if ok else f"{folder} is missing",
-                "" if ok else f"put the task's files in {folder} (layout: see {root}/README.md)",
-                ("evaluate",),
-                required=True,
-            )
-        )
-    return checks
 
 
 def diagnose(config: SpeedConfig | None, *, run_llama: bool = True) -> list[Check]:

@@ -41,8 +41,26 @@ def write_json(path: str | os.PathLike[str], obj: Any) -> None:
         fh.write("\n")
 
 
+class DamagedFileError(ValueError):
+    """A file that does not parse as what it should be; the message names the file and the fault."""
+
+
 def read_json(path: str | os.PathLike[str]) -> Any:
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+    """One JSON document.
+
+    Raises:
+        DamagedFileError: the file is not valid JSON or not UTF-8 (a truncated write, a disk
+            fault, a hand edit); the message names the file and where the fault is.
+        OSError: the file cannot be read.
+    """
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise DamagedFileError(
+            f"'{path}' is damaged: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})"
+        ) from None
+    except UnicodeDecodeError as err:
+        raise DamagedFileError(f"'{path}' is damaged: not UTF-8 text (byte {err.start})") from None
 
 
 def write_jsonl(path: str | os.PathLike[str], rows: Iterable[dict[str, Any]]) -> int:

@@ -27,6 +27,7 @@ Design choices:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sqlite3
@@ -68,6 +69,39 @@ CREATE TABLE IF NOT EXISTS uses (
 """
 
 
+def has_calls_table(conn: sqlite3.Connection) -> bool:
+    """Whether the database behind ``conn`` has the ledger's ``calls`` table."""
+    row = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'calls'").fetchone()
+    return row is not None
+
+
+class LedgerError(RuntimeError):
+    """The ledger file cannot be opened, read or written; the message names the file and the fix."""
+
+
+def _ledger_error(path: Path, err: sqlite3.Error) -> LedgerError:
+    """Words for an SQLite failure: what it means for the run and what to do about it."""
+    text = str(err)
+    if "malformed" in text or "not a database" in text or "no such table" in text:
+        return LedgerError(
+            f"the call ledger '{path}' is damaged ({text}). Restore it from a backup, or move it aside "
+            f"(mv '{path}' '{path}.damaged') and rerun: finished stages are kept, the calls of "
+            "unfinished stages are sent again"
+        )
+    if "disk I/O" in text or "full" in text:
+        return LedgerError(
+            f"cannot write the call ledger '{path}' ({text}): the disk is full or a file-size limit "
+            "(ulimit -f) was reached. Free space or raise the limit, then rerun: answers already "
+            "recorded are kept"
+        )
+    if "readonly" in text or "unable to open" in text:
+        return LedgerError(
+            f"cannot open the call ledger '{path}' for writing ({text}); make the run folder and the "
+            "file writable (chmod u+w), or choose another run.dir"
+        )
+    return LedgerError(f"the call ledger '{path}' failed: {text}")
+
+
 @dataclass
 class Totals:
     """Sums over answered calls (errors excluded from calls and tokens)."""
@@ -91,26 +125,46 @@ class Totals:
 class Ledger:
     """An SQLite call ledger. Thread-safe; one connection per thread.
 
+    Every SQLite failure leaves as a :class:`LedgerError` naming the file and the fix (damaged file,
+    full disk, no write permission), never as a bare ``sqlite3`` error.
+
     Args:
         path: the database file (created with its folder).
+        create: create the file and its tables when missing. Readers (``speed status``, ``speed
+            cost``) pass False: they must never turn a 0-byte or damaged ledger into a new, empty
+            one, which a later run would then take for a ledger with no calls and pay for them all
+            again.
+
+    Raises:
+        LedgerError: the file cannot be opened, or (``create=False``) holds no call table.
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, *, create: bool = True):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if create:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
         with self._conn() as conn:
-            conn.executescript(_SCHEMA)
+            if create:
+                conn.executescript(_SCHEMA)
+            elif not has_calls_table(conn):
+                raise LedgerError(
+                    f"the call ledger '{self.path}' holds no call table (empty or never initialised); "
+                    f"restore it from a backup, or delete it to start a new ledger knowingly"
+                )
 
     @contextmanager
     def _conn(self) -> Iterator[sqlite3.Connection]:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = sqlite3.connect(self.path, timeout=60, isolation_level=None)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            self._local.conn = conn
-        yield conn
+        try:
+            conn = getattr(self._local, "conn", None)
+            if conn is None:
+                conn = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=NORMAL")
+                self._local.conn = conn
+            yield conn
+        except sqlite3.Error as err:
+            raise _ledger_error(self.path, err) from err
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -121,7 +175,9 @@ class Ledger:
                 yield conn
                 conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                # after a disk error SQLite may have rolled back already; the first error is the one to tell
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
                 raise
 
     def close(self) -> None:
@@ -355,7 +411,7 @@ def cost_summary(run_dir: Path) -> dict[str, Any]:
     still running counts what it sent so far. ``teacher_ledger_total`` is every teacher call the
     ledger holds, superseded runs included: what the run directory has cost.
     """
-    ledger = Ledger(run_dir / "ledger.sqlite")
+    ledger = Ledger(run_dir / "ledger.sqlite", create=False)  # a reader never makes a ledger
     try:
         per_stage: dict[str, Totals] = {}
         for (stage, role), spent in ledger.breakdown().items():

@@ -25,11 +25,12 @@ it writes.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import shutil
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,9 +38,11 @@ from typing import Any, Literal
 
 from speed import __version__
 from speed.config import ConfigError, ModelSpec, SpeedConfig
-from speed.io import read_json, write_json
+from speed.io import DamagedFileError, read_json, write_json
 from speed.ledger import Ledger, LedgeredBackend
+from speed.preflight import preflight
 from speed.roles import RoleBackends
+from speed.runlock import RunLock
 from speed.stage import (
     MANIFEST,
     Stage,
@@ -61,6 +64,8 @@ __all__ = [
     "StageError",
     "StageStatus",
     "builtin_stage_order",
+    "data_files_problem",
+    "describe_data_files",
     "load_stages",
     "order_stages",
     "register",
@@ -81,17 +86,81 @@ def spec_identity(spec: ModelSpec) -> dict[str, Any]:
     return spec.identity()
 
 
-State = Literal["done", "stale", "pending"]
+State = Literal["done", "stale", "pending", "damaged"]
 
 
 @dataclass
 class StageStatus:
-    """Where one stage stands in a run."""
+    """Where one stage stands in a run.
+
+    ``damaged``: the stage finished once, but its manifest no longer parses or a data file no longer
+    matches the row count and sha256 its manifest recorded (``problem`` says which); the runner redoes
+    it, replaying its calls from the ledger.
+    """
 
     name: str
     key: str
     state: State
     manifest: dict[str, Any] | None = None
+    problem: str | None = None
+
+
+#: the files of a stage that hold its examples: hashed into the manifest, checked before reuse
+def _data_files(folder: Path) -> list[Path]:
+    return sorted(p for pattern in ("data.jsonl", "*.parquet") for p in folder.rglob(pattern) if p.is_file())
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _rows(path: Path) -> int | None:
+    """Rows of a data file: JSON lines, or a Parquet file's row count from its footer."""
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            return int(pq.ParquetFile(path).metadata.num_rows)
+        except Exception:  # pyarrow raises several kinds for a damaged footer; the hash still tells
+            return None
+    with open(path, "rb") as fh:
+        return sum(1 for line in fh if line.strip())
+
+
+def describe_data_files(folder: Path) -> dict[str, dict[str, Any]]:
+    """Row count, size and sha256 of each data file of a stage folder, by relative path."""
+    return {
+        str(p.relative_to(folder)): {"rows": _rows(p), "bytes": p.stat().st_size, "sha256": _sha256(p)}
+        for p in _data_files(folder)
+    }
+
+
+def data_files_problem(folder: Path, manifest: Mapping[str, Any]) -> str | None:
+    """Why the data files of a finished stage no longer match its manifest, or None when they do.
+
+    Manifests written before data files were recorded have nothing to check against (None).
+    """
+    recorded = manifest.get("data_files")
+    if not isinstance(recorded, dict):
+        return None
+    for rel, want in recorded.items():
+        path = folder / rel
+        if not path.is_file():
+            return f"{path} is missing"
+        if not isinstance(want, dict):
+            return f"{folder / MANIFEST} records no size or hash for {rel}"
+        size = path.stat().st_size
+        if size != want.get("bytes") or _sha256(path) != want.get("sha256"):
+            rows = _rows(path)
+            return (
+                f"{path} changed since the stage finished ({rows} rows and {size} bytes now, "
+                f"{want.get('rows')} rows and {want.get('bytes')} bytes recorded)"
+            )
+    return None
 
 
 def order_stages(cfg: SpeedConfig, registry: dict[str, type[Stage]]) -> list[type[Stage]]:
@@ -222,19 +291,25 @@ class Runner:
         self.keys = stage_keys(cfg, self.stages)
 
     def status(self) -> list[StageStatus]:
-        """Each stage's state: done (manifest with the current key), stale (another key), pending."""
-        out = []
-        for cls in self.stages:
-            mpath = self.run_dir / cls.name / MANIFEST
-            manifest = read_json(mpath) if mpath.exists() else None
-            if manifest is None:
-                state: State = "pending"
-            elif manifest.get("key") == self.keys[cls.name]:
-                state = "done"
-            else:
-                state = "stale"
-            out.append(StageStatus(cls.name, self.keys[cls.name], state, manifest))
-        return out
+        """Each stage's state: done (manifest with the current key and data files that match it),
+        stale (another key), damaged (see :class:`StageStatus`), pending."""
+        return [self._stage_status(cls.name) for cls in self.stages]
+
+    def _stage_status(self, name: str) -> StageStatus:
+        key = self.keys[name]
+        mpath = self.run_dir / name / MANIFEST
+        if not mpath.exists():
+            return StageStatus(name, key, "pending")
+        try:
+            manifest = read_json(mpath)
+        except DamagedFileError as err:
+            return StageStatus(name, key, "damaged", None, str(err))
+        if not isinstance(manifest, dict):
+            return StageStatus(name, key, "damaged", None, f"'{mpath}' is damaged: not a JSON object")
+        if manifest.get("key") != key:
+            return StageStatus(name, key, "stale", manifest)
+        problem = data_files_problem(self.run_dir / name, manifest)
+        return StageStatus(name, key, "damaged" if problem else "done", manifest, problem)
 
     def select(self, only: str | None = None, until: str | None = None) -> list[type[Stage]]:
         names = [c.name for c in self.stages]
@@ -259,28 +334,68 @@ class Runner:
             return [c for c in self.stages if c.name in needed]
         return list(self.stages)
 
-    def run(self, only: str | None = None, until: str | None = None) -> list[StageStatus]:
-        """Run what is not done; return the final statuses."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(self.cfg.to_yaml(), encoding="utf-8")
+    def run(
+        self,
+        only: str | None = None,
+        until: str | None = None,
+        *,
+        on_start: Callable[[], None] | None = None,
+    ) -> list[StageStatus]:
+        """Run what is not done; return the final statuses.
+
+        Everything that can refuse the command is checked before the run folder is touched: the
+        stage selection, the inputs of the stages to run, and the preflight (models, files,
+        evaluation data, a writable folder, a readable ledger; :func:`speed.preflight.preflight`).
+        Only then is the folder's lock taken and ``config.yaml`` written, so a refused command
+        never creates the folder nor marks a finished run's stages stale.
+
+        Args:
+            only: run this stage only (its inputs must be done).
+            until: run this stage and the stages it needs.
+            on_start: called once the lock is held, before the first stage (the CLI starts the
+                run's log file there).
+
+        Raises:
+            ConfigError: an unknown stage; a failed preflight check (PreflightError).
+            StageError: a stage to run needs one that is not done and not to be run.
+            RunLockedError: another process writes this run folder.
+        """
         selected = self.select(only, until)
         states = {s.name: s for s in self.status()}
-        session = RunSession(self.cfg, self.run_dir)
-        try:
-            for cls in selected:
-                if states[cls.name].state == "done":
-                    logger.info("stage %-11s done (key %s), skipped", cls.name, self.keys[cls.name])
-                    continue
-                for up in cls.reads:
-                    if states[up].state != "done":
-                        raise StageError(
-                            f"stage '{cls.name}' needs '{up}', which is {states[up].state}; "
-                            f"run `speed run CONFIG --until {cls.name}` to build it"
-                        )
-                self._run_stage(cls, session)
-                states[cls.name] = next(s for s in self.status() if s.name == cls.name)
-        finally:
-            session.close()
+        planned = {cls.name for cls in selected if states[cls.name].state != "done"}
+        for cls in selected:
+            for up in cls.reads if cls.name in planned else ():
+                if states[up].state != "done" and up not in planned:
+                    raise StageError(
+                        f"stage '{cls.name}' needs '{up}', which is {states[up].state}; "
+                        f"run `speed run CONFIG --until {cls.name}` to build it"
+                    )
+        preflight(self.cfg, [cls for cls in selected if cls.name in planned], self.run_dir)
+        with RunLock(self.run_dir):
+            (self.run_dir / "config.yaml").write_text(self.cfg.to_yaml(), encoding="utf-8")
+            if on_start is not None:
+                on_start()
+            # read again under the lock: a writer that held it until now may have finished stages
+            states = {s.name: s for s in self.status()}
+            session = RunSession(self.cfg, self.run_dir)
+            try:
+                for cls in selected:
+                    state = states[cls.name]
+                    if state.state == "done":
+                        logger.info("stage %-11s done (key %s), skipped", cls.name, self.keys[cls.name])
+                        continue
+                    if state.state == "damaged":
+                        logger.warning("stage %-11s is damaged (%s); redoing it", cls.name, state.problem)
+                    for up in cls.reads:
+                        if states[up].state != "done":
+                            raise StageError(
+                                f"stage '{cls.name}' needs '{up}', which is {states[up].state}; "
+                                f"run `speed run CONFIG --until {cls.name}` to build it"
+                            )
+                    self._run_stage(cls, session)
+                    states[cls.name] = self._stage_status(cls.name)
+            finally:
+                session.close()
         return self.status()
 
     def _run_stage(self, cls: type[Stage], session: RunSession) -> None:
@@ -292,7 +407,7 @@ class Runner:
         resumed = work.exists()
         work.mkdir(parents=True, exist_ok=True)
         keyfile.write_text(key)
-        if resumed and (work / MANIFEST).exists() and read_json(work / MANIFEST).get("key") == key:
+        if resumed and self._finished_in(work, key):
             logger.info("stage %-11s finished before a crash; committing it", cls.name)
             self._commit(cls.name, work)
             return
@@ -322,6 +437,8 @@ class Runner:
             "files": sorted(
                 str(p.relative_to(work)) for p in work.rglob("*") if p.is_file() and p.name != "KEY"
             ),
+            # checked before the stage is reused: a cut or edited data file makes it damaged, not done
+            "data_files": describe_data_files(work),
         }
         write_json(work / MANIFEST, manifest)  # last: the stage is done once this exists
         self._commit(cls.name, work)
@@ -332,6 +449,19 @@ class Runner:
             elapsed,
             ", ".join(f"{k}={v}" for k, v in stats.items() if isinstance(v, int | float)) or "no stats",
             f", teacher calls {teacher}" if teacher else "",
+        )
+
+    @staticmethod
+    def _finished_in(work: Path, key: str) -> bool:
+        """Whether a work folder holds a whole finished stage of ``key`` (killed before its commit)."""
+        try:
+            manifest = read_json(work / MANIFEST)
+        except (FileNotFoundError, DamagedFileError):
+            return False
+        return (
+            isinstance(manifest, dict)
+            and manifest.get("key") == key
+            and data_files_problem(work, manifest) is None
         )
 
     def _commit(self, name: str, work: Path) -> None:

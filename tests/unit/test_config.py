@@ -91,3 +91,40 @@ def test_a_role_without_backend_tweaks_the_default_spec():
     # a tweak is checked against the default's backend: the default teacher (openai) has no n_ctx
     with pytest.raises(ConfigError, match=r"'models\.teacher\.n_ctx' \(backend 'openai'\)"):
         load_config(None, ["models.teacher.n_ctx=2048"])
+
+
+@pytest.mark.parametrize(
+    ("override", "field", "why"),
+    [
+        ("seed.num_examples=true", "seed.num_examples", "valid integer"),  # a bool is not a count
+        ("seed.num_examples=-3", "seed.num_examples", "greater than 0"),
+        ("brainstorm.calls_per_kind=0", "brainstorm.calls_per_kind", "greater than 0"),
+        ("models.teacher.temperature=-0.5", "models.teacher.temperature", "greater than or equal to 0"),
+        ("models.teacher.top_p=0", "models.teacher.top_p", "greater than 0"),
+        ("models.teacher.top_p=1.5", "models.teacher.top_p", "less than or equal to 1"),
+        ("synthesize.kind_mix={}", "synthesize.kind_mix", "no kind a positive weight"),
+        ("synthesize.kind_mix={retrievl: 1}", "synthesize.kind_mix", "Did you mean 'retrieval'"),
+        ("run.dir=''", "run.dir", "run.dir is empty"),
+    ],
+)
+def test_values_out_of_range_are_refused_naming_the_field(override, field, why):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert f"'{field}'" in str(err.value) and why in str(err.value)
+
+
+def test_a_context_too_small_to_hold_a_prompt_is_refused():
+    with pytest.raises(ConfigError, match=r"'models.teacher.n_ctx'.*256"):
+        load_config(None, ["models.teacher.backend=llamacpp_server", "models.teacher.n_ctx=64"])
+
+
+def test_yaml_syntax_error_names_file_line_and_column(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("run:\n  dir: x\n seed: [1\n")
+    with pytest.raises(ConfigError, match=r"broken.yaml' is not valid YAML at line 3, column 2"):
+        load_config(path)
+
+
+def test_a_config_path_that_is_a_folder_says_so(tmp_path):
+    with pytest.raises(ConfigError, match="is a folder"):
+        load_config(tmp_path)

@@ -340,7 +340,7 @@ def test_a_retrained_senior_is_asked_anew_not_replayed(tmp_path, upstream):
 
 
 def test_missing_inputs_fail_before_any_call(tmp_path, upstream):
-    from speed.config import load_config
+    from speed.config import ConfigError, load_config
     from speed.runner import Runner, StageError
 
     cfg = load_config(
@@ -350,7 +350,8 @@ def test_missing_inputs_fail_before_any_call(tmp_path, upstream):
     with pytest.raises(StageError, match=r"no brainstormed task for kind\(s\) \['retrieval'\]"):
         Runner(cfg).run()
     cfg = load_config(write_config(tmp_path, "run2", upstream), ["evaluate.data_dir=/nonexistent/eval"])
-    with pytest.raises(StageError, match=r"synthesize\.decontaminate: false"):
+    # the runner's preflight refuses it before the stage starts (ConfigError), naming the same fix
+    with pytest.raises(ConfigError, match=r"synthesize\.decontaminate: false"):
         Runner(cfg).run()
     assert (
         not (tmp_path / "run2" / "ledger.sqlite").exists()
