@@ -83,7 +83,8 @@ def make_json_writer(path: Path, steps: int = 250) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from speed.tasks import get_kind, revisor_prompt
+    from speed.stages.alignment import revisor_prompt
+    from speed.tasks import get_kind
     from tiny import make_tiny_llama
 
     torch.set_num_threads(1)
