@@ -16,7 +16,6 @@ from speed.config import ConfigError, load_config
 from speed.runner import Runner
 
 PLUGINS = Path(__file__).resolve().parents[1] / "plugins"
-sys.path.insert(0, str(PLUGINS))
 
 
 def write_config(tmp_path: Path, run: str, count: int = 12, delay: float = 0.0) -> Path:

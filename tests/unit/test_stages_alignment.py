@@ -11,14 +11,11 @@ from __future__ import annotations
 import json
 import random
 import re
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from speed.config import load_config
 from speed.io import read_json, read_jsonl, write_json, write_jsonl
