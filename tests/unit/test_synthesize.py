@@ -158,6 +158,7 @@ def test_a_retrained_senior_is_asked_anew_not_replayed(tmp_path, upstream):
 
 def test_missing_inputs_fail_before_any_call(tmp_path, upstream):
     from speed.config import load_config
+    from speed.ledger import Ledger
     from speed.runner import Runner, StageError
 
     cfg = load_config(
@@ -169,7 +170,8 @@ def test_missing_inputs_fail_before_any_call(tmp_path, upstream):
     cfg = load_config(write_config(tmp_path, "run2", upstream), ["evaluate.data_dir=/nonexistent/eval"])
     with pytest.raises(StageError, match=r"synthesize\.decontaminate: false"):
         Runner(cfg).run()
-    assert (
-        not (tmp_path / "run2" / "ledger.sqlite").exists()
-        or not (tmp_path / "run2" / ".work" / "synthesize" / "shards").exists()
-    )
+    # the stand-in upstream stages ran, synthesize did not start: no call in either ledger
+    for run in ("run", "run2"):
+        assert (tmp_path / run / "brainstorm" / "manifest.json").exists()
+        assert Ledger(tmp_path / run / "ledger.sqlite").rows(limit=1000) == []
+        assert not (tmp_path / run / ".work" / "synthesize" / "shards").exists()
