@@ -127,7 +127,7 @@ def quality(cfg: Any, prompts: list[Any], texts: list[str]) -> dict[str, Any]:
         kind = get_kind(p.kind)
         ok = kind.parse(text).ok
         parsed += ok
-        example, _ = parse_example(kind, text, p.attributes, filters, counter)
+        example, _, _ = parse_example(kind, text, p.attributes, filters, counter)
         passed += example is not None
     n = len(prompts)
     return {"parse_rate": parsed / n, "filter_pass_rate": passed / n, "drops": dict(counter.reasons)}
@@ -149,8 +149,7 @@ def compare(
     """
     from speed.llm import Sampling
     from speed.stages.alignment import chat, normalize
-    from speed.stages.judge import read_verdict, verdict_schema
-    from speed.tasks import judge_prompt
+    from speed.stages.judge import judge_prompt, read_verdict, verdict_schema
 
     rng = random.Random(f"bench-order/{first[0]}/{second[0]}")
     reqs: list[Any] = []

@@ -184,8 +184,9 @@ def run_raw(cfg: Any, args: argparse.Namespace) -> dict[str, float]:
 
     from speed.models import resolve_gguf
     from speed.runner import Runner, RunSession, StageContext
+    from speed.stages.alignment import revisor_prompt
     from speed.stages.synthesize import Synthesize, shard_prompts
-    from speed.tasks import get_kind, revisor_prompt
+    from speed.tasks import get_kind
 
     # the same prompt plan and seeds as the stage (planning is not timed)
     run_dir = Path(cfg.run.dir)

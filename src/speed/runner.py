@@ -465,8 +465,9 @@ class Runner:
         )
 
     def _commit(self, name: str, work: Path) -> None:
+        # the work folder keeps its KEY until it is renamed: a crash before the rename leaves a
+        # finished stage that the rerun commits (a work folder without KEY would be thrown away)
         final = self.run_dir / name
-        (work / "KEY").unlink(missing_ok=True)
         if final.exists():
             trash = self.run_dir / ".work" / f"{name}.old"
             if trash.exists():
@@ -476,6 +477,7 @@ class Runner:
             shutil.rmtree(trash)
         else:
             work.rename(final)
+        (final / "KEY").unlink(missing_ok=True)
 
 
 def setup_logging(run_dir: Path | None, level: str = "INFO") -> None:

@@ -4,23 +4,17 @@ from __future__ import annotations
 
 import json
 import os
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
-
-from test_synthesize import prepare_upstream, write_config
+from synth_helpers import prepare_upstream, write_config
 
 pytestmark = pytest.mark.ray
 
 
 @pytest.fixture(scope="module")
 def upstream(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    up = prepare_upstream(tmp_path_factory.mktemp("synth-ray"))
-    sys.path.insert(0, up["plugins"])
-    return up
+    return prepare_upstream(tmp_path_factory.mktemp("synth-ray"))
 
 
 @pytest.fixture(scope="module")

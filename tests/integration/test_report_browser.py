@@ -11,17 +11,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
-
-from test_report_fakerun import CHANGED, FINAL, KINDS, XSS, make_fake_run
-
+from fakerun import CHANGED, FINAL, KINDS, XSS, make_fake_run
 from speed.report import build_report
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]

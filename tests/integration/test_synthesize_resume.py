@@ -13,9 +13,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
-
-from test_synthesize import prepare_upstream, write_config
+from synth_helpers import prepare_upstream, write_config
 
 N, SHARD = 96, 6  # 16 shards
 

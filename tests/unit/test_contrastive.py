@@ -8,6 +8,7 @@ import math
 import os
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -175,3 +176,24 @@ def test_embedding_training_stays_fp32_on_cpu_even_with_bf16_units(monkeypatch: 
     monkeypatch.setattr(precision, "cpu_has_bf16", lambda: True)
     assert precision.choose_precision("auto", "cpu") == "bf16"  # the shared policy would pick bf16
     assert contrastive.embed_precision("cpu") == "fp32"
+
+
+def test_a_non_finite_loss_stops_training_with_a_clear_error(
+    tiny_bert: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A diverged run raises the shared non-finite check's error and saves no model."""
+    from sentence_transformers import SentenceTransformerTrainer
+
+    real = SentenceTransformerTrainer.compute_loss
+
+    def nan_loss(self: Any, *args: Any, **kwargs: Any) -> Any:
+        out = real(self, *args, **kwargs)
+        if isinstance(out, tuple):
+            return (out[0] * float("nan"), *out[1:])
+        return out * float("nan")
+
+    monkeypatch.setattr(SentenceTransformerTrainer, "compute_loss", nan_loss)
+    cfg = EmbedConfig(batch_size=8, max_steps=2, warmup_steps=0, learning_rate=1e-3)
+    with pytest.raises(RuntimeError, match=r"embed: loss is not finite at step 1 \(nan\)"):
+        train_embedder(make_rows(), tiny_bert, tmp_path / "model", cfg, seed=0, logging_steps=1)
+    assert not (tmp_path / "model").exists()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -301,3 +302,78 @@ def test_instructions_go_to_queries_only(tiny_bert: Path, eval_dir: Path) -> Non
     assert "Instruct: Find the document.\nQuery: " in prompts
     doc_calls = [texts for texts, p in calls if not p]
     assert doc_calls and all(len(t) == 12 for t in doc_calls)  # the corpus, bare
+
+
+# --------------------------------------------------------------------------------------------
+# the evaluate stage's baseline cache
+
+
+def test_evaluate_stage_caches_the_baseline_by_weights_tasks_and_data(
+    tiny_bert: Path, eval_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The baseline is evaluated once per (weights, tasks, data); the trained model every time."""
+    import shutil
+
+    from speed.config import SpeedConfig
+    from speed.io import write_json
+    from speed.precision import resolve_precision
+    from speed.runner import RunSession, StageContext
+    from speed.stages.evaluate import Evaluate, baseline_cache_path
+
+    monkeypatch.setenv("SPEED_CACHE", str(tmp_path / "cache"))
+    baseline = tmp_path / "baseline"
+    shutil.copytree(tiny_bert, baseline)
+    evaluated: list[str] = []
+
+    def fake_evaluate(model: Any, tasks: list[str], **kw: Any) -> dict[str, Any]:
+        evaluated.append(Path(model).name)
+        score = 0.25 if Path(model) == baseline else 0.5
+        result: dict[str, Any] = {
+            "tasks": {"STSBenchmark": {"main_score": score}},
+            "averages": {"average": score},
+        }
+        if kw.get("baseline") is not None:
+            result["baseline"] = kw["baseline"]
+        return result
+
+    monkeypatch.setattr("speed.evaluation.evaluate_model", fake_evaluate)
+    run = tmp_path / "run"
+    shutil.copytree(tiny_bert, run / "embed" / "model")
+    write_json(run / "embed" / "manifest.json", {"stage": "embed", "key": "e"})
+    cfg = SpeedConfig.model_validate(
+        {
+            "run": {"dir": str(run)},
+            "evaluate": {"tasks": ["STSBenchmark"], "data_dir": str(eval_dir), "baseline": str(baseline)},
+        }
+    )
+
+    def evaluate() -> dict[str, Any]:
+        session = RunSession(cfg, run)
+        out = run / ".work" / "evaluate"
+        out.mkdir(parents=True, exist_ok=True)
+        try:
+            return Evaluate().run(StageContext(cfg, run, "evaluate", "k", out, ("embed",), session))
+        finally:
+            session.close()
+
+    first = evaluate()
+    assert evaluated == ["baseline", "model"] and first["baseline"] == {"STSBenchmark": 0.25}
+    batch, precision = cfg.evaluate.batch_size, resolve_precision(cfg.evaluate.precision)
+    cached = baseline_cache_path(str(baseline), ["STSBenchmark"], eval_dir, batch, precision)
+    assert cached is not None and cached.exists()
+    second = evaluate()
+    assert evaluated == ["baseline", "model", "model"], "the cached baseline is not evaluated again"
+    assert second["baseline"] == first["baseline"]
+
+    # other weights in the same folder: another cache entry, evaluated anew
+    (baseline / "extra.bin").write_bytes(b"new weights")
+    assert baseline_cache_path(str(baseline), ["STSBenchmark"], eval_dir, batch, precision) != cached
+    evaluate()
+    assert evaluated[-2:] == ["baseline", "model"]
+    # other tasks or batch size: another entry too; a hub name is never cached
+    for other in (
+        baseline_cache_path(str(baseline), ["STSBenchmark", "SICK-R"], eval_dir, batch, precision),
+        baseline_cache_path(str(baseline), ["STSBenchmark"], eval_dir, batch + 1, precision),
+    ):
+        assert other is not None and other != cached
+    assert baseline_cache_path("someone/some-model", ["STSBenchmark"], eval_dir, batch, precision) is None

@@ -120,4 +120,25 @@ def test_cpu_info_reads_this_machine() -> None:
         assert cpu.flags, "Linux lists the CPU's flags"
     if cpu.is_x86:
         assert set(cpu.features()) == set(hardware.X86_FEATURES)
-        assert cpu.level() in ("amx", "avx512", "avx2", "avx", "sse4_2", "x86-64")
+        # the level this machine reports is backed by its flags (the ladder itself is tested below)
+        level = cpu.level()
+        assert level == "x86-64" or {"amx": "amx_int8", "avx512": "avx512f"}.get(level, level) in cpu.flags
+        if "avx2" in cpu.flags:
+            assert level in ("amx", "avx512", "avx2")
+
+
+@pytest.mark.parametrize(
+    ("arch", "flags", "level"),
+    [
+        ("x86_64", {"sse4_2", "avx", "avx2", "fma"}, "avx2"),
+        ("x86_64", {"sse4_2", "avx", "avx2", "avx512f"}, "avx512"),
+        ("x86_64", {"avx2", "avx512f", "amx_int8"}, "amx"),
+        ("x86_64", {"sse4_2"}, "sse4_2"),
+        ("x86_64", set(), "x86-64"),
+        ("aarch64", {"asimd", "sve"}, "sve"),
+        ("aarch64", {"asimd"}, "neon"),
+        ("riscv64", set(), "riscv64"),
+    ],
+)
+def test_cpu_level_is_the_widest_vector_unit(arch: str, flags: set[str], level: str) -> None:
+    assert hardware.CpuInfo(arch, "model", frozenset(flags)).level() == level

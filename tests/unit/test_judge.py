@@ -1,17 +1,22 @@
-"""The judge's pure parts: shown order and mapping back, repeats, verdict reading."""
+"""The judge's pure parts: shown order and mapping back, repeats, its prompt, verdict reading."""
 
 from __future__ import annotations
 
 import json
 import random
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from speed.stages.alignment import REASON_MAX_CHARS
 from speed.stages.judge import (
     OUT_OF_RANGE,
     SAME_INDEX,
+    Judgement,
     distinct_indices,
+    judge_prompt,
+    parse_judgement,
     read_verdict,
     shuffled_order,
     to_original,
@@ -69,4 +74,36 @@ def test_read_verdict_names_each_failure() -> None:
 def test_verdict_schema_allows_only_shown_numbers() -> None:
     schema = verdict_schema(4)
     assert schema["properties"]["best"]["enum"] == [1, 2, 3, 4]
-    assert schema["required"] == ["reason", "best", "worst"]
+    assert schema["properties"]["worst"]["enum"] == [1, 2, 3, 4]
+    assert schema["required"] == ["reason", "best", "worst"] and schema["additionalProperties"] is False
+    assert schema["properties"]["reason"]["maxLength"] == REASON_MAX_CHARS
+    assert "default" not in schema["properties"]["reason"]  # required in strict mode: no fallback
+
+
+def test_verdict_schema_is_the_models_own() -> None:
+    """The schema follows the pydantic model: a field added to the model shows up in it."""
+    schema = verdict_schema(3)
+    model = Judgement.model_json_schema()
+    assert list(schema["properties"]) == list(model["properties"])
+    for name, prop in model["properties"].items():
+        assert schema["properties"][name]["description"] == prop["description"]
+    # the cap is the schema's only: a long reason still reads
+    long = json.dumps({"reason": "x" * (REASON_MAX_CHARS + 50), "best": 1, "worst": 2})
+    assert read_verdict(long, 2)[0] is not None
+
+
+def test_judge_prompt_numbers_candidates_from_one() -> None:
+    prompt = judge_prompt("GEN PROMPT", ['{"a": 1}', '{"a": 2}', '{"a": 3}'])
+    assert "GEN PROMPT" in prompt and 'Candidate 1:\n{"a": 1}' in prompt and "Candidate 3:" in prompt
+    assert "The 3 candidates" in prompt and '"best"' in prompt and '"worst"' in prompt
+    with pytest.raises(ValueError, match="at least 2 candidates"):
+        judge_prompt("p", ["only one"])
+
+
+def test_parse_judgement() -> None:
+    ok = parse_judgement('Verdict:\n{"reason": "2 follows the prompt", "best": "Candidate 2", "worst": 1}', 3)
+    assert ok.ok and (ok.value.best, ok.value.worst) == (2, 1)
+    out_of_range = parse_judgement('{"reason": "", "best": 4, "worst": 1}', 3)
+    assert out_of_range.reason == "judge_index_out_of_range" and "only 3" in out_of_range.detail
+    same = parse_judgement('{"reason": "", "best": 2, "worst": 2}', 3)
+    assert same.reason == "schema_mismatch" and "must differ" in same.detail

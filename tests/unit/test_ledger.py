@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 from collections.abc import Sequence
+from pathlib import Path
 
 import pytest
 
@@ -82,14 +84,49 @@ def test_duplicate_requests_in_one_batch_are_sent_once(tmp_path):
     assert [c.text for c in out] == ["X", "X"] and backend.seen == ["x"]
 
 
-def test_ledger_is_wal_and_stores_no_secret(tmp_path, monkeypatch):
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-secret-value-123456789")
-    ledger = Ledger(tmp_path / "l.sqlite")
-    LedgeredBackend(CountingBackend(), ledger, role="teacher", stage="s").generate([Request.chat("x")])
+def test_ledger_is_wal_and_stores_no_secret(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The key goes to the server (so the backend really read it) and nowhere else: not in the
+    SQLite file, its WAL, nor the logs; the endpoint URL is not stored either."""
+    from fake_openai import FakeOpenAIServer
+    from speed.config import OpenAISpec
+    from speed.llm import load_backend
+
+    secret = "sk-test-secret-value-123456789"
+    monkeypatch.setenv("SPEED_LEDGER_TEST_KEY", secret)
+    caplog.set_level(logging.DEBUG)
+    server = FakeOpenAIServer()
+    try:
+        spec = OpenAISpec(
+            model="fake-model",
+            base_url=server.base_url,
+            api_key_env="SPEED_LEDGER_TEST_KEY",
+            max_retries=2,
+            timeout_s=2.0,
+            options={"retry_initial_s": 0.01, "retry_max_s": 0.02},
+        )
+        ledger = Ledger(tmp_path / "l.sqlite")
+        backend = LedgeredBackend(load_backend(spec), ledger, role="teacher", stage="s")
+        # an answer after a retried 500, an unreadable answer (an error) and a plain answer
+        comps = backend.generate([Request.chat("500:1"), Request.chat("garbage"), Request.chat("x")])
+        backend.close()
+    finally:
+        server.close()
+    assert server.headers and all(h["Authorization"] == f"Bearer {secret}" for h in server.headers)
+    assert comps[0].error is None and comps[1].error is not None and comps[2].error is None
+    assert len(ledger.rows()) == 3
     with sqlite3.connect(tmp_path / "l.sqlite") as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    blob = b"".join(p.read_bytes() for p in tmp_path.iterdir())
-    assert b"sk-test-secret" not in blob
+    # read the files before the ledger closes: the WAL then still holds what was written
+    blob = b"".join(p.read_bytes() for p in tmp_path.iterdir() if p.is_file())
+    assert b"answer to x" in blob  # the answers are in what is read here
+    assert secret.encode() not in blob
+    assert server.base_url.encode() not in blob
+    assert caplog.records and secret not in caplog.text
+    ledger.close()
+    blob = b"".join(p.read_bytes() for p in tmp_path.iterdir() if p.is_file())
+    assert secret.encode() not in blob
 
 
 def test_usage_counts_what_a_stage_run_used_sent_or_replayed(tmp_path):

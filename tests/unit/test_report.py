@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from test_report_fakerun import (
+from fakerun import (
     CHANGED,
     DROPS,
     DURATIONS,
@@ -23,7 +20,6 @@ from test_report_fakerun import (
     XSS,
     make_fake_run,
 )
-
 from speed.io import write_json
 from speed.report import build_report
 
@@ -283,7 +279,6 @@ def test_reads_what_the_evaluation_module_writes(tmp_path: Path) -> None:
 
 def test_report_of_a_real_runner_run(tmp_path: Path) -> None:
     """Stages and states come from the runner's own plan when the run's config loads."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugins"))
     from speed.config import load_config
     from speed.runner import Runner
 

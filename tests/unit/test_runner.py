@@ -16,7 +16,6 @@ from speed.config import ConfigError, load_config
 from speed.runner import Runner
 
 PLUGINS = Path(__file__).resolve().parents[1] / "plugins"
-sys.path.insert(0, str(PLUGINS))
 
 
 def write_config(tmp_path: Path, run: str, count: int = 12, delay: float = 0.0) -> Path:
@@ -79,13 +78,19 @@ def test_unknown_stage_in_pipeline(tmp_path):
         Runner(cfg)
 
 
-def test_sigkill_mid_stage_then_rerun_equals_uninterrupted_run(tmp_path):
-    # the uninterrupted reference
+def test_sigkill_mid_stage_then_rerun_resumes_the_work_folder(tmp_path):
+    """Killed halfway, the same command resumes the stage from its work folder (same key): the
+    rows it finished are not asked again, not even replayed, and the data equals an uninterrupted
+    run's."""
     ref = speed("run", str(write_config(tmp_path, "ref", count=30)))
     assert ref.returncode == 0, ref.stderr
 
-    cfg = write_config(tmp_path, "killed", count=30, delay=0.1)
-    env = {**os.environ, "PYTHONPATH": f"{PLUGINS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    cfg = write_config(tmp_path, "killed", count=30)
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{PLUGINS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        "SPEED_TOY_DELAY": "0.1",  # slow, yet the same key as the rerun's
+    }
     proc = subprocess.Popen(
         [sys.executable, "-m", "speed.cli", "run", str(cfg)],
         env=env,
@@ -111,16 +116,95 @@ def test_sigkill_mid_stage_then_rerun_equals_uninterrupted_run(tmp_path):
     assert status.returncode == 0
     assert "numbers" in status.stdout and "pending" in status.stdout
 
-    again = speed("run", str(write_config(tmp_path, "killed", count=30, delay=0.0)))
+    again = speed("run", str(cfg))
     assert again.returncode == 0, again.stderr
     for stage in ("numbers", "total"):
         assert (run / stage / "data.jsonl").read_text() == (
             tmp_path / "ref" / stage / "data.jsonl"
         ).read_text()
-    # the calls finished before the kill were replayed from the ledger, not sent again
-    stats = json.loads((run / "numbers" / "manifest.json").read_text())["stats"]
-    assert stats["replayed"] >= 10 and stats["sent"] + stats["replayed"] == 30
-    assert stats["sent"] < 30
+    manifest = json.loads((run / "numbers" / "manifest.json").read_text())
+    stats = manifest["stats"]
+    assert manifest["resumed"] is True and stats["resumed_rows"] >= 10
+    # finished rows came from the work folder; at most the row in flight at the kill is replayed
+    assert stats["resumed_rows"] + stats["sent"] + stats["replayed"] == 30 and stats["replayed"] <= 1
+
+
+def test_a_stage_that_raised_resumes_its_work_folder_with_the_same_key(tmp_path, monkeypatch):
+    import toy_stages
+
+    cfg = load_config(write_config(tmp_path, "r", count=12))
+    monkeypatch.setattr(toy_stages, "FAIL_AT", 5)
+    with pytest.raises(toy_stages.ToyCrash, match="row 5"):
+        Runner(cfg).run()
+    work = tmp_path / "r" / ".work" / "numbers"
+    assert (work / "KEY").read_text() == Runner(cfg).keys["numbers"]
+    assert len((work / "rows.jsonl").read_text().splitlines()) == 5
+
+    monkeypatch.setattr(toy_stages, "FAIL_AT", None)
+    Runner(cfg).run()
+    manifest = json.loads((tmp_path / "r" / "numbers" / "manifest.json").read_text())
+    # rows 0-4 from the work folder: neither sent nor replayed; rows 5-11 sent once
+    assert manifest["resumed"] is True
+    assert (manifest["stats"]["resumed_rows"], manifest["stats"]["sent"], manifest["stats"]["replayed"]) == (
+        5,
+        7,
+        0,
+    )
+    Runner(load_config(write_config(tmp_path, "ref", count=12))).run()
+    assert (tmp_path / "r" / "numbers" / "data.jsonl").read_text() == (
+        tmp_path / "ref" / "numbers" / "data.jsonl"
+    ).read_text()
+
+    # another key throws the work folder away: a new attempt starts over (and replays the ledger)
+    monkeypatch.setattr(toy_stages, "FAIL_AT", 3)
+    other = load_config(write_config(tmp_path, "r", count=13))
+    with pytest.raises(toy_stages.ToyCrash):
+        Runner(other).run()
+    monkeypatch.setattr(toy_stages, "FAIL_AT", None)
+    Runner(other).run()
+    stats = json.loads((tmp_path / "r" / "numbers" / "manifest.json").read_text())["stats"]
+    assert (stats["resumed_rows"], stats["sent"], stats["replayed"]) == (3, 1, 9)
+
+
+def test_a_crash_between_manifest_and_commit_commits_without_running_again(tmp_path, monkeypatch):
+    import toy_stages
+
+    cfg = load_config(write_config(tmp_path, "r", count=4))
+    real_commit = Runner._commit
+
+    def crash(self, name, work):
+        raise KeyboardInterrupt(f"killed while committing {name}")
+
+    monkeypatch.setattr(Runner, "_commit", crash)
+    with pytest.raises(KeyboardInterrupt):
+        Runner(cfg).run()
+    work = tmp_path / "r" / ".work" / "numbers"
+    assert (work / "manifest.json").exists() and not (tmp_path / "r" / "numbers").exists()
+
+    monkeypatch.setattr(Runner, "_commit", real_commit)
+    toy_stages.RUNS.clear()
+    assert [s.state for s in Runner(cfg).run()] == ["done", "done"]
+    assert toy_stages.RUNS == {"total": 1}, "the finished stage is committed, not run again"
+    manifest = json.loads((tmp_path / "r" / "numbers" / "manifest.json").read_text())
+    assert manifest["key"] == Runner(cfg).keys["numbers"] and manifest["stats"]["sent"] == 4
+    assert not work.exists() and not (tmp_path / "r" / "numbers" / "KEY").exists()
+
+
+def test_a_crash_inside_the_commit_keeps_the_finished_stage(tmp_path, monkeypatch):
+    """Killed after the work folder's KEY would once have been removed but before the rename: the
+    rerun still finds a finished stage to commit, not a stale folder to throw away."""
+    import toy_stages
+
+    cfg = load_config(write_config(tmp_path, "r", count=4))
+    monkeypatch.setattr(
+        "speed.runner.Path.rename", lambda self, target: (_ for _ in ()).throw(OSError("killed"))
+    )
+    with pytest.raises(OSError, match="killed"):
+        Runner(cfg).run()
+    monkeypatch.undo()
+    toy_stages.RUNS.clear()
+    Runner(cfg).run()
+    assert toy_stages.RUNS == {"total": 1}
 
 
 def test_status_show_and_cost_on_a_finished_run(tmp_path):

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from speed.config import SFTConfig
 from speed.training.common import TrainingInputError

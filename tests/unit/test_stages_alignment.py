@@ -11,14 +11,11 @@ from __future__ import annotations
 import json
 import random
 import re
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from speed.config import load_config
 from speed.io import read_json, read_jsonl, write_json, write_jsonl
@@ -400,3 +397,70 @@ def test_both_orders_keeps_only_consistent_verdicts(tmp_path: Path, base: Path, 
     assert stats["drops"] == {"judge_inconsistent": 1} and stats["calls"] == 4
     pairs = read_jsonl(tmp_path / "run" / "judge" / "data.jsonl")
     assert [(p["chosen"], p["rejected"]) for p in pairs] == [(ok[2], ok[0])]
+
+
+class Crash(RuntimeError):
+    """The fault a test injects in the middle of a stage's shards."""
+
+
+def test_every_generation_stage_resumes_by_shard_after_a_crash(
+    tmp_path: Path, base: Path, fakes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A crash after a stage's second shard has generated (its calls are in the ledger, its records
+    are not written): the rerun keeps the first shard, replays the second from the ledger and
+    sends only the rest; over all runs no request reaches a model twice."""
+    from speed.stages.candidates import Candidates
+    from speed.stages.judge import Judge
+    from speed.stages.revisions import Revisions
+    from speed.stages.seed import Seed
+
+    crashes: dict[str, int] = {}
+    for cls in (Seed, Candidates, Judge, Revisions):
+        monkeypatch.setattr(cls, "shard_size", 2)
+        original = cls.process
+
+        def process(
+            self: Any, job: Any, payload: Any, _original: Any = original, _name: str = cls.name
+        ) -> Any:
+            result = _original(self, job, payload)
+            crashes[_name] = crashes.get(_name, 0) + 1
+            if crashes[_name] == 2:  # once: the second shard of the first attempt
+                raise Crash(f"killed in {_name}")
+            return result
+
+        monkeypatch.setattr(cls, "process", process)
+
+    run = tmp_path / "run"
+    path = write_config(tmp_path, base)
+    for stage in ("seed", "candidates", "judge", "revisions"):
+        with pytest.raises(Crash, match=f"killed in {stage}"):
+            Runner(load_config(path)).run()
+        shards = run / ".work" / stage / "shards"
+        assert sorted(p.name for p in shards.glob("*.done")) == ["00000.done"], stage
+        assert not (run / stage).exists()
+    statuses = Runner(load_config(path)).run()
+    assert [s.state for s in statuses] == ["done"] * len(ALIGNMENT)
+
+    for stage, total in (("seed", 3), ("candidates", 2), ("judge", 2), ("revisions", 2)):
+        stats = read_json(run / stage / "manifest.json")["stats"]
+        assert stats["shards"] == {"total": total, "run": total - 1, "resumed": 1}, stage
+        # every shard was written once, the first before the crash
+        log = (run / stage / "shards" / "processed.log").read_text().split()
+        assert log == [f"{i:05d}" for i in range(total)], stage
+        # the crashed shard's calls were answered before the crash: replayed, not sent again
+        calls = stats["calls_this_run"]
+        assert sum(v for k, v in calls.items() if k.endswith("_replayed")) > 0, (stage, calls)
+        first = read_json(run / stage / "shards" / "00000.done")["calls"]
+        sent = {k: v for k, v in calls.items() if k.endswith("_sent")}
+        # the ledger holds the first shard's calls (sent before the crash), the crashed shard's
+        # (sent before the crash, replayed now) and the rest (sent now)
+        rows = Ledger(run / "ledger.sqlite").rows(stage=stage, limit=10_000)
+        assert len(rows) == sum(v for k, v in first.items() if k.endswith("_sent")) + sum(calls.values()), (
+            stage
+        )
+        if total > 2:  # shards after the crashed one were sent in this run
+            assert all(v > 0 for v in sent.values()), (stage, calls)
+
+    # no request reached a model twice: every request the fakes received is one ledger row
+    received = len(fakes["teacher"].calls) + sum(len(g.calls) for g in fakes.get("generators", []))
+    assert received == len(Ledger(run / "ledger.sqlite").rows(limit=100_000))

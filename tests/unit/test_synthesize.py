@@ -1,206 +1,23 @@
 """The synthesize stage on a tiny Llama trained in the test to write STS and matching JSON.
 
-The upstream stages (brainstorm, senior, revisor) are stand-ins registered by a plugin module the
-test writes: they copy prepared folders in the layout the real stages write (``data.jsonl`` with
-``{kind, task, topic}``; ``merged/`` model folders), so the real synthesize stage runs unchanged.
-The helpers here are shared with ``tests/integration/test_synthesize_resume.py`` and
-``tests/integration/test_ray_synthesize.py``.
+The upstream stages (brainstorm, senior, revisor) are stand-ins from ``tests/plugins/synth_stubs.py``
+that copy prepared folders (``tests/synth_helpers.py``), so the real synthesize stage runs unchanged.
 """
 
 from __future__ import annotations
 
 import json
 import random
-import shutil
-import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 
-TESTS = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(TESTS))
-
-WORDS = [
-    *("a", "man", "plays", "guitar", "woman", "sings", "song", "child", "reads", "book", "dog"),
-    *("runs", "park", "cat", "sleeps", "sofa", "chef", "cooks", "soup", "rain", "falls", "city"),
-]
-MATCHING_TASKS = ["Match a question to its answer.", "Find the title of a short story."]
-
-STUB_PLUGIN = '''
-"""Stand-ins for the upstream stages of synthesize: copy prepared folders (test helper)."""
-import shutil
-from pathlib import Path
-
-from speed.runner import Stage, register
-
-
-class _Copy(Stage):
-    def run(self, ctx):
-        src = Path(ctx.cfg.extra["stubs"][self.name])
-        shutil.copytree(src, ctx.out, dirs_exist_ok=True)
-        return {"count": 1}
-
-
-@register
-class Brainstorm(_Copy):
-    name = "brainstorm"
-    section = "stubs"
-
-
-@register
-class Senior(_Copy):
-    name = "senior"
-    section = "stubs"
-
-
-@register
-class Revisor(_Copy):
-    name = "revisor"
-    section = "stubs"
-'''
-
-
-def _sentence(rng: random.Random) -> str:
-    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 9))).capitalize() + "."
-
-
-def training_examples(seed: int = 0) -> list[tuple[str, dict[str, str], str]]:
-    """(kind, example, task) triples the tiny writer learns from."""
-    rng = random.Random(seed)
-    out = []
-    for i in range(24):
-        if i % 2 == 0:
-            out.append(("sts", {"S1": _sentence(rng), "S2": _sentence(rng), "S3": _sentence(rng)}, ""))
-        else:
-            ex = {"input": _sentence(rng), "positive_document": _sentence(rng)}
-            out.append(("matching_short", ex, MATCHING_TASKS[i % 4 // 2]))
-    return out
-
-
-def make_json_writer(path: Path, steps: int = 250) -> Path:
-    """A tiny Llama trained to answer generation and revisor prompts with JSON examples."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from speed.tasks import get_kind, revisor_prompt
-    from tiny import make_tiny_llama
-
-    torch.set_num_threads(1)
-    rng = random.Random(0)
-    pairs = []
-    for kind_name, example, task in training_examples():
-        kind = get_kind(kind_name)
-        prompt = kind.generation_prompt(task or kind.fixed_tasks[0], kind.sample_attributes(rng))
-        text = json.dumps(example)
-        pairs += [(prompt, text), (revisor_prompt(prompt, text), text)]
-    make_tiny_llama(path, hidden_size=64, extra_text=[t for p in pairs for t in p], vocab_size=1024)
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path)
-    data = []
-    for prompt, text in pairs:
-        ids = tok.apply_chat_template(
-            [{"role": "user", "content": prompt}],
-            add_generation_prompt=True,
-            tokenize=True,
-            return_dict=False,
-        )
-        data.append((ids, tok(text + "<|im_end|>", add_special_tokens=False)["input_ids"]))
-    torch.manual_seed(0)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    model.train()
-    for _ in range(steps):
-        batch = rng.sample(data, 4)
-        length = max(len(p) + len(c) for p, c in batch)
-        ids = torch.full((4, length), tok.pad_token_id)
-        labels = torch.full((4, length), -100)
-        mask = torch.zeros((4, length), dtype=torch.long)
-        for b, (p, c) in enumerate(batch):
-            ids[b, : len(p) + len(c)] = torch.tensor(p + c)
-            mask[b, : len(p) + len(c)] = 1
-            labels[b, len(p) : len(p) + len(c)] = torch.tensor(c)
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-    model.save_pretrained(path)
-    return path
-
-
-_WRITER: Path | None = None
-
-
-def json_writer() -> Path:
-    """The trained tiny writer, built once per process."""
-    global _WRITER
-    if _WRITER is None or not _WRITER.exists():
-        _WRITER = make_json_writer(Path(tempfile.mkdtemp(prefix="speed-writer-")) / "writer")
-    return _WRITER
-
-
-def prepare_upstream(root: Path) -> dict[str, str]:
-    """Folders the stand-in stages copy, the stub plugin and an evaluation folder; returns their paths."""
-    src = root / "upstream"
-    brainstorm = src / "brainstorm"
-    brainstorm.mkdir(parents=True)
-    rows = [{"kind": "sts", "task": "Retrieve semantically similar text.", "topic": None}]
-    rows += [{"kind": "matching_short", "task": t, "topic": "stories"} for t in MATCHING_TASKS]
-    (brainstorm / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    for stage in ("senior", "revisor"):
-        shutil.copytree(json_writer(), src / stage / "merged")
-    (root / "plugins").mkdir(exist_ok=True)
-    (root / "plugins" / "synth_stubs.py").write_text(STUB_PLUGIN)
-    # an STS benchmark made of the writer's own training sentences: what it reproduces is contaminated
-    sts = root / "eval" / "sts" / "STSBenchmark"
-    sts.mkdir(parents=True)
-    lines = [
-        json.dumps({"sentence1": ex["S1"], "sentence2": ex["S2"], "score": 4.0})
-        for kind, ex, _ in training_examples()
-        if kind == "sts"
-    ]
-    (sts / "test.jsonl").write_text("\n".join(lines) + "\n")
-    return {
-        "brainstorm": str(brainstorm),
-        "senior": str(src / "senior"),
-        "revisor": str(src / "revisor"),
-        "plugins": str(root / "plugins"),
-        "eval": str(root / "eval"),
-    }
-
-
-def write_config(
-    root: Path, run: str, up: dict[str, str], *, n: int = 24, shard_size: int = 6, **extra: str
-) -> Path:
-    """A pipeline of the stand-ins and the real synthesize stage; ``extra`` adds YAML sections."""
-    sections = {
-        "executor": "{kind: local}",
-        "synthesize": (
-            f"{{num_examples: {n}, shard_size: {shard_size}, kind_mix: {{sts: 1, matching_short: 1}}}}"
-        ),
-        **extra,
-    }
-    body = "\n".join(f"{k}: {v}" for k, v in sections.items())
-    path = root / f"{run}.yaml"
-    path.write_text(
-        f"""
-run: {{dir: {root / run}, seed: 3, threads: 1}}
-pipeline: {{stages: [brainstorm, senior, revisor, synthesize], plugins: [synth_stubs]}}
-models:
-  senior: {{backend: hf, dtype: float32, max_tokens: 80, batch_size: 4, device: cpu}}
-  revisor: {{backend: hf, model: null, dtype: float32, max_tokens: 80, batch_size: 4, device: cpu}}
-evaluate: {{tasks: [STSBenchmark], data_dir: {up["eval"]}}}
-extra: {{stubs: {{brainstorm: {up["brainstorm"]}, senior: {up["senior"]}, revisor: {up["revisor"]}}}}}
-{body}
-"""
-    )
-    return path
+from synth_helpers import prepare_upstream, write_config
 
 
 @pytest.fixture(scope="module")
 def upstream(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    up = prepare_upstream(tmp_path_factory.mktemp("synth"))
-    sys.path.insert(0, up["plugins"])
-    return up
+    return prepare_upstream(tmp_path_factory.mktemp("synth"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -341,6 +158,7 @@ def test_a_retrained_senior_is_asked_anew_not_replayed(tmp_path, upstream):
 
 def test_missing_inputs_fail_before_any_call(tmp_path, upstream):
     from speed.config import ConfigError, load_config
+    from speed.ledger import Ledger
     from speed.runner import Runner, StageError
 
     cfg = load_config(
@@ -353,7 +171,10 @@ def test_missing_inputs_fail_before_any_call(tmp_path, upstream):
     # the runner's preflight refuses it before the stage starts (ConfigError), naming the same fix
     with pytest.raises(ConfigError, match=r"synthesize\.decontaminate: false"):
         Runner(cfg).run()
-    assert (
-        not (tmp_path / "run2" / "ledger.sqlite").exists()
-        or not (tmp_path / "run2" / ".work" / "synthesize" / "shards").exists()
-    )
+    # the first run's stand-in upstream stages ran and synthesize sent nothing; the second was refused
+    # before any stage started, so nothing of it was written at all
+    assert (tmp_path / "run" / "brainstorm" / "manifest.json").exists()
+    assert Ledger(tmp_path / "run" / "ledger.sqlite").rows(limit=1000) == []
+    assert not (tmp_path / "run" / ".work" / "synthesize" / "shards").exists()
+    assert not (tmp_path / "run2" / "ledger.sqlite").exists()
+    assert not (tmp_path / "run2" / "brainstorm").exists()

@@ -11,23 +11,15 @@ import pytest
 from scipy.stats import chisquare
 
 from speed.tasks import (
-    Judgement,
     TemplateError,
     UnknownKindError,
     classification,
     format_query,
     get_kind,
-    judge_prompt,
     kind_names,
     list_templates,
-    parse_judgement,
-    parse_revision,
     render_template,
     retrieval,
-    revise_prompt,
-    revision_schema,
-    revisor_prompt,
-    strict_schema,
     sts,
     template_hash,
     template_path,
@@ -302,50 +294,3 @@ def test_parse_tasks_accepts_the_usual_shapes(text):
 def test_parse_tasks_drops_an_empty_list():
     result = get_kind("retrieval").parse_tasks('{"tasks": []}')
     assert not result.ok and result.reason == "schema_mismatch" and "tasks" in result.detail
-
-
-# --------------------------------------------------------------------------------------------
-# judge, revise, revisor
-
-
-def test_judge_prompt_numbers_candidates_from_one():
-    prompt = judge_prompt("GEN PROMPT", ['{"a": 1}', '{"a": 2}', '{"a": 3}'])
-    assert "GEN PROMPT" in prompt and 'Candidate 1:\n{"a": 1}' in prompt and "Candidate 3:" in prompt
-    assert "The 3 candidates" in prompt and '"best"' in prompt and '"worst"' in prompt
-    with pytest.raises(ValueError, match="at least 2 candidates"):
-        judge_prompt("p", ["only one"])
-
-
-def test_parse_judgement():
-    ok = parse_judgement('Verdict:\n{"reason": "2 follows the prompt", "best": "Candidate 2", "worst": 1}', 3)
-    assert ok.ok and (ok.value.best, ok.value.worst) == (2, 1)
-    out_of_range = parse_judgement('{"reason": "", "best": 4, "worst": 1}', 3)
-    assert out_of_range.reason == "judge_index_out_of_range" and "only 3" in out_of_range.detail
-    same = parse_judgement('{"reason": "", "best": 2, "worst": 2}', 3)
-    assert same.reason == "schema_mismatch" and "must differ" in same.detail
-    schema = strict_schema(Judgement)
-    assert schema["required"] == ["reason", "best", "worst"] and schema["additionalProperties"] is False
-
-
-def test_revise_prompt_and_parse_revision():
-    example = get_kind("sts").schema.model_validate(EXAMPLES["sts"])
-    prompt = revise_prompt("GEN PROMPT", example)
-    assert "GEN PROMPT" in prompt and '"S1": "A dog runs."' in prompt
-    for word in ("relevance", "completeness", "accuracy"):
-        assert word in prompt
-    text = '```json\n{"reason": "S3 was too close", "revised": {"s1": "A dog runs.", "S2": "A dog is running.", "S3": "A dog barks."}}\n```'
-    result = parse_revision(text, "sts")
-    assert result.ok, result.detail
-    assert result.value.revised.S3 == "A dog barks." and result.value.reason == "S3 was too close"
-    missing = parse_revision('{"reason": "x", "revised": {"S1": "a", "S2": "b"}}', get_kind("sts"))
-    assert missing.reason == "schema_mismatch" and "revised.S3" in missing.detail
-    schema = strict_schema(revision_schema("retrieval"))
-    assert schema["required"] == ["reason", "revised"]
-    nested = schema["$defs"]["RetrievalExample"]
-    assert nested["required"] == ["user_query", "positive_document", "hard_negative_document"]
-    assert nested["additionalProperties"] is False
-
-
-def test_revisor_prompt_holds_prompt_and_example():
-    prompt = revisor_prompt("GEN PROMPT", '{"S1": "a"}')
-    assert "GEN PROMPT" in prompt and '{"S1": "a"}' in prompt

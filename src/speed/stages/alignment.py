@@ -35,6 +35,8 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from pydantic import BaseModel
+
 from speed.config import ModelSpec, SpeedConfig
 from speed.io import read_rows
 from speed.llm.base import Completion, Request, Sampling
@@ -328,24 +330,29 @@ def parse_example(
     text: str,
     attributes: Mapping[str, Any],
     filters: Sequence[Filter],
-    counter: DropCounter,
-) -> tuple[Example | None, str | None]:
-    """Parse one generated example and run the filters on it.
+    counter: DropCounter | None = None,
+) -> tuple[Example | None, str | None, str]:
+    """Parse one generated example against its kind's pydantic schema and run the filters on it.
+
+    The one parse of a generated example, for every stage (in the workers of seed, revisions and
+    synthesize alike).
 
     Returns:
-        The example (or None) and the drop reason (or None); a drop is counted in ``counter``.
+        The example (or None), the drop reason (or None) and the drop's detail; a drop is counted
+        in ``counter`` when one is given.
     """
     from speed.data.filters import first_failure
 
     result = kind.parse(text)
     if result.value is None:
         reason = result.reason or "unparseable"
-        counter.drop(reason, result.detail)
-        return None, reason
+        if counter is not None:
+            counter.drop(reason, result.detail)
+        return None, reason, result.detail
     failed = first_failure(result.value, kind, attributes, filters, counter)
     if failed is not None:
-        return None, failed
-    return result.value, None
+        return None, failed, ""
+    return result.value, None, ""
 
 
 _SPACE = re.compile(r"\s+")
@@ -367,3 +374,20 @@ def normalize(text: str) -> str:
 def chunked(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
+
+
+# --------------------------------------------------------------------------------------------
+# the revisor's prompt (synthesize asks it, the revisor stage trains on it)
+
+REVISOR_TEMPLATE = "revisor"
+
+
+def revisor_prompt(generation_prompt: str, example: str | BaseModel | Mapping[str, Any]) -> str:
+    """The data revisor's input; its training target is :func:`speed.tasks.example_json` of the
+    teacher's revision. The revisor answers in the kind's own schema, so no model of its own."""
+    from speed.tasks import example_json, render_template
+
+    shown = example if isinstance(example, str) else example_json(example)
+    return render_template(
+        REVISOR_TEMPLATE, generation_prompt=generation_prompt.strip(), example=shown.strip()
+    )

@@ -15,7 +15,11 @@ Design choices:
   distinct new tasks of a call is kept (``keep_per_call``), drawn with the stage's seeded rng.
 - Tasks are deduplicated within a kind after normalizing case and spaces; repeats are counted under
   ``duplicate_task``. A call whose answer does not parse is counted under the parser's reason.
-- The output is constrained to the ``{"tasks": [...]}`` schema where the backend supports it.
+- The output is constrained to the ``{"tasks": [...]}`` schema where the backend supports it; the
+  schema is the :class:`~speed.tasks.TaskList` model's own (the subtopics':
+  :class:`~speed.tasks.topics.SubtopicList`'s), never a hand-written copy beside it.
+- Brainstorm is not on the generation skeleton (:mod:`speed.stages.generation`): its calls are a
+  few hundred, and which tasks are kept depends on every call before (dedup across topics).
 """
 
 from __future__ import annotations
@@ -40,13 +44,10 @@ def task_key(task: str) -> str:
 
 
 def tasks_schema() -> dict[str, Any]:
-    """JSON schema of the brainstorm answer."""
-    return {
-        "type": "object",
-        "properties": {"tasks": {"type": "array", "items": {"type": "string"}, "minItems": 1}},
-        "required": ["tasks"],
-        "additionalProperties": False,
-    }
+    """JSON schema of the brainstorm answer: :class:`~speed.tasks.TaskList`'s own."""
+    from speed.tasks import TaskList, strict_schema
+
+    return strict_schema(TaskList)
 
 
 @register
@@ -90,7 +91,14 @@ class Brainstorm(Stage):
 
     def topics(self, ctx: StageContext, llm: Any) -> list[str]:
         """The topic list: the taxonomy, or the teacher's subtopics of ``topics.domain``."""
-        from speed.tasks.topics import domain_prompt, domain_topics, load_topics, parse_subtopics
+        from speed.tasks import strict_schema
+        from speed.tasks.topics import (
+            SubtopicList,
+            domain_prompt,
+            domain_topics,
+            load_topics,
+            parse_subtopics,
+        )
 
         tcfg = ctx.cfg.topics
         if not tcfg.domain:
@@ -99,12 +107,7 @@ class Brainstorm(Stage):
         req = chat(
             domain_prompt(tcfg.domain, tcfg.num_subtopics),
             sampling(spec, seed=ctx.seed_for("domain")),
-            schema={
-                "type": "object",
-                "properties": {"subtopics": {"type": "array", "items": {"type": "string"}, "minItems": 1}},
-                "required": ["subtopics"],
-                "additionalProperties": False,
-            },
+            schema=strict_schema(SubtopicList),
         )
         comp = llm.generate([req])[0]
         parsed = parse_subtopics(comp.text) if comp.error is None else None

@@ -24,8 +24,13 @@ Design choices:
   only when both name the same best and worst (``judge_inconsistent`` otherwise). It doubles the
   judge calls; it is for small teachers, which mostly name whatever is shown first (the 0.5B teacher
   of the CPU benchmark did so in all of its 26 kept verdicts).
-- The answer is constrained where the backend can: ``best`` and ``worst`` are enums of the shown
-  numbers. Constrained or not, the checks above run.
+- The answer is constrained where the backend can: its JSON schema is the :class:`Judgement`
+  model's own (:func:`verdict_schema`), with ``best`` and ``worst`` narrowed to enums of the shown
+  numbers. Constrained or not, the checks above run. The verdict's model, its prompt and its
+  schema live here, with the stage that asks for it.
+- The stage runs on the generation skeleton (:mod:`speed.stages.generation`): the shown orders
+  and the lists not worth a call are decided when planning, on the driver; workers ask and read
+  the verdicts shard by shard, so a killed judge resumes by shard.
 
 Output ``data.jsonl``: ``{prompt, chosen, rejected, reason, kind, task, best, worst, order, raw}``
 (``best``/``worst`` index the candidates stage's list; ``order`` is the shown order; ``raw`` is the
@@ -37,15 +42,17 @@ from __future__ import annotations
 
 import logging
 import random
+import re
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-from pydantic import model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from speed.io import write_jsonl
-from speed.stage import Stage, StageContext, StageError, register
-from speed.stages.alignment import REASON_MAX_CHARS, chat, generate_all, normalize, require_rows, sampling
-from speed.tasks.base import Judgement
+from speed.data.parsing import ParseResult, parse_json
+from speed.stage import StageContext, register
+from speed.stages.alignment import REASON_MAX_CHARS, chat, normalize, require_rows, sampling
+from speed.stages.generation import GenerationStage, Job, Plan, record
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +64,43 @@ NONE_PARSEABLE = "no_parseable_candidate"
 ONE_PARSEABLE = "one_parseable_candidate"
 INCONSISTENT = "judge_inconsistent"
 
+JUDGE_TEMPLATE = "judge"
+
+
+# --------------------------------------------------------------------------------------------
+# the verdict: its model, its prompt, its schema
+
+
+class Judgement(BaseModel):
+    """The teacher's verdict on K candidates: 1-based indices of the best and the worst."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    reason: str = Field(
+        "",
+        description="Why the best beats the others and the worst loses.",
+        # a cap in the schema only (constrained decoding), not when reading: see REASON_MAX_CHARS
+        json_schema_extra={"maxLength": REASON_MAX_CHARS},
+    )
+    best: int = Field(ge=1, description="Number of the best candidate, as shown in the prompt (from 1).")
+    worst: int = Field(ge=1, description="Number of the worst candidate, as shown in the prompt (from 1).")
+
+    @field_validator("best", "worst", mode="before")
+    @classmethod
+    def _number_in_text(cls, value: Any) -> Any:
+        # "Candidate 3" or "#3" -> 3
+        if isinstance(value, str):
+            digits = re.findall(r"\d+", value)
+            if len(digits) == 1:
+                return int(digits[0])
+        return value
+
+    @model_validator(mode="after")
+    def _distinct(self) -> Judgement:
+        if self.best == self.worst:
+            raise ValueError(f"best and worst are both candidate {self.best}; they must differ")
+        return self
+
 
 class _AnyVerdict(Judgement):
     """A verdict read without the range and distinctness checks, only to name why one failed."""
@@ -67,6 +111,72 @@ class _AnyVerdict(Judgement):
     @model_validator(mode="after")
     def _distinct(self) -> _AnyVerdict:  # replaces Judgement's check of the same name
         return self
+
+
+def judge_prompt(generation_prompt: str, candidates: Sequence[str]) -> str:
+    """The prompt showing the teacher a generation prompt and its numbered candidates (from 1).
+
+    Raises:
+        ValueError: fewer than two candidates.
+    """
+    from speed.tasks import render_template
+
+    if len(candidates) < 2:
+        raise ValueError(f"the judge needs at least 2 candidates, got {len(candidates)}")
+    shown = "\n\n".join(f"Candidate {i}:\n{c.strip()}" for i, c in enumerate(candidates, start=1))
+    return render_template(
+        JUDGE_TEMPLATE,
+        generation_prompt=generation_prompt.strip(),
+        candidates=shown,
+        num_candidates=len(candidates),
+    )
+
+
+def verdict_schema(num_shown: int) -> dict[str, Any]:
+    """JSON schema of the judge's answer for ``num_shown`` candidates: :class:`Judgement`'s own
+    (reason first, then the verdict), with ``best`` and ``worst`` narrowed to the shown numbers."""
+    from speed.tasks import strict_schema
+
+    schema = strict_schema(Judgement)
+    numbers = list(range(1, num_shown + 1))
+    for name in ("best", "worst"):
+        schema["properties"][name]["enum"] = numbers
+    return schema
+
+
+def parse_judgement(text: str, num_candidates: int) -> ParseResult[Judgement]:
+    """Parse the judge's answer; indices outside ``1..num_candidates`` are a drop."""
+    result = parse_json(text, Judgement)
+    if result.value is not None:
+        bad = [i for i in (result.value.best, result.value.worst) if i > num_candidates]
+        if bad:
+            return ParseResult(
+                None,
+                OUT_OF_RANGE,
+                f"candidate {bad[0]} named, but only {num_candidates} were shown",
+                result.repaired,
+            )
+    return result
+
+
+def read_verdict(text: str, num_shown: int) -> tuple[Judgement | None, str | None, str]:
+    """Parse the judge's answer: the verdict, or None with a drop reason and detail."""
+    result = parse_judgement(text, num_shown)
+    if result.value is not None:
+        return result.value, None, ""
+    # name the failure precisely when the answer is a well-formed but unusable verdict
+    loose = parse_json(text, _AnyVerdict)
+    if loose.value is not None:
+        best, worst = loose.value.best, loose.value.worst
+        if not (1 <= best <= num_shown and 1 <= worst <= num_shown):
+            return None, OUT_OF_RANGE, f"best {best}, worst {worst}, shown {num_shown}"
+        if best == worst:
+            return None, SAME_INDEX, f"best and worst are both {best}"
+    return None, result.reason or "unparseable", result.detail
+
+
+# --------------------------------------------------------------------------------------------
+# shown order
 
 
 def distinct_indices(texts: Sequence[str]) -> list[int]:
@@ -100,66 +210,32 @@ def to_original(order: Sequence[int], shown_number: int) -> int:
     return order[shown_number - 1]
 
 
-def verdict_schema(num_shown: int) -> dict[str, Any]:
-    """JSON schema of the judge's answer for ``num_shown`` candidates (reason first, then the verdict)."""
-    numbers = list(range(1, num_shown + 1))
-    return {
-        "type": "object",
-        "properties": {
-            "reason": {"type": "string", "maxLength": REASON_MAX_CHARS},
-            "best": {"type": "integer", "enum": numbers},
-            "worst": {"type": "integer", "enum": numbers},
-        },
-        "required": ["reason", "best", "worst"],
-        "additionalProperties": False,
-    }
-
-
-def read_verdict(text: str, num_shown: int) -> tuple[Judgement | None, str | None, str]:
-    """Parse the judge's answer: the verdict, or None with a drop reason and detail."""
-    from speed.data.parsing import parse_json
-    from speed.tasks import parse_judgement
-
-    result = parse_judgement(text, num_shown)
-    if result.value is not None:
-        return result.value, None, ""
-    # name the failure precisely when the answer is a well-formed but unusable verdict
-    loose = parse_json(text, _AnyVerdict)
-    if loose.value is not None:
-        best, worst = loose.value.best, loose.value.worst
-        if not (1 <= best <= num_shown and 1 <= worst <= num_shown):
-            return None, OUT_OF_RANGE, f"best {best}, worst {worst}, shown {num_shown}"
-        if best == worst:
-            return None, SAME_INDEX, f"best and worst are both {best}"
-    return None, result.reason or "unparseable", result.detail
+# --------------------------------------------------------------------------------------------
+# the stage
 
 
 @register
-class Judge(Stage):
+class Judge(GenerationStage):
     """Teacher verdicts on candidate lists, as DPO pairs."""
 
     name = "judge"
     reads = ("candidates",)
     roles = ("teacher",)
-    templates = ("judge",)
+    templates = (JUDGE_TEMPLATE,)
+    nothing_kept = "no usable verdict"
 
     def check(self, ctx: StageContext) -> None:
         require_rows(ctx, "candidates", ("prompt", "candidates", "parsed"))
 
-    def run(self, ctx: StageContext) -> dict[str, Any]:
-        from speed.data.filters import DropCounter
-        from speed.tasks import judge_prompt
-
+    def plan(self, ctx: StageContext) -> Plan:
+        """One item per candidate list: the shown orders, or the reason it is not worth a call."""
         jcfg = ctx.cfg.judge
-        rows = require_rows(ctx, "candidates", ("prompt", "candidates", "parsed"))
-        counter = DropCounter("judge")
-        dropped: list[dict[str, Any]] = []
-        todo: list[tuple[dict[str, Any], list[int]]] = []
-        for i, row in enumerate(rows):
+        items: list[dict[str, Any]] = []
+        judged = calls = 0
+        for i, row in enumerate(require_rows(ctx, "candidates", ("prompt", "candidates", "parsed"))):
             texts, parsed = row["candidates"], row["parsed"]
             if not any(parsed):
-                counter.drop(NONE_PARSEABLE)
-                dropped.append({**row, "reason": NONE_PARSEABLE})
+                items.append({"row": row, "drop": NONE_PARSEABLE})
                 continue
             idx = distinct_indices(texts)
             reason = IDENTICAL
@@ -167,82 +243,81 @@ class Judge(Stage):
                 idx = [j for j in idx if parsed[j]]
                 reason = ONE_PARSEABLE
             if len(idx) < 2:
-                counter.drop(reason)
-                dropped.append({**row, "reason": reason})
+                items.append({"row": row, "drop": reason})
                 continue
             rng = random.Random(ctx.seed_for("order", i)) if jcfg.shuffle else None
-            todo.append((row, shuffled_order(idx, rng)))
+            order = shuffled_order(idx, rng)
+            # one shown order per list, or the order and its reverse (judge.both_orders)
+            orders = [order, order[::-1]] if jcfg.both_orders else [order]
+            items.append({"row": row, "orders": orders, "seed": ctx.seed_for("judge", row["prompt"])})
+            judged += 1
+            calls += len(orders)
+        return Plan.of_items(items, self.shard_size, judged=judged, calls=calls)
 
-        spec = ctx.cfg.models.teacher
-        # one shown order per list, or the order and its reverse (judge.both_orders)
-        shown = [[order, order[::-1]] if jcfg.both_orders else [order] for _, order in todo]
+    def process(self, job: Job, payload: list[dict[str, Any]]) -> dict[str, Any]:
+        jcfg, spec = job.cfg.judge, job.cfg.models.teacher
+        asked = [item for item in payload if "orders" in item]
         requests = [
             chat(
-                judge_prompt(row["prompt"], [row["candidates"][j] for j in order]),
-                sampling(spec, seed=ctx.seed_for("judge", row["prompt"]), temperature=jcfg.temperature),
+                judge_prompt(item["row"]["prompt"], [item["row"]["candidates"][j] for j in order]),
+                sampling(spec, seed=item["seed"], temperature=jcfg.temperature),
                 schema=verdict_schema(len(order)),
             )
-            for (row, _), orders in zip(todo, shown, strict=True)
-            for order in orders
+            for item in asked
+            for order in item["orders"]
         ]
-        answers = iter(generate_all(ctx, ctx.llm("teacher"), requests, "verdicts"))
-
-        pairs: list[dict[str, Any]] = []
-        best_position: dict[str, int] = {}
-        for (row, order), orders in zip(todo, shown, strict=True):
-            comps = [next(answers) for _ in orders]
-            raw = comps[0].text
-            mapped: list[tuple[int, int]] = []
-            failure: tuple[str, str] | None = None
-            verdict = None
-            for shown_order, comp in zip(orders, comps, strict=True):
-                if comp.error is not None:
-                    failure = ("generation_error", comp.error)
-                    break
-                got, why, detail = read_verdict(comp.text, len(shown_order))
-                if got is None:
-                    failure = (why or "unparseable", detail)
-                    break
-                verdict = verdict or got
-                mapped.append((to_original(shown_order, got.best), to_original(shown_order, got.worst)))
-            if failure is None and len(set(mapped)) > 1:
-                failure = (INCONSISTENT, f"verdicts by order: {mapped}")
-            if failure is None and not row["parsed"][mapped[0][0]]:
-                failure = (BEST_UNPARSEABLE, "")
-            if failure is not None or verdict is None:
-                reason, detail = failure or ("unparseable", "")
-                counter.drop(reason, detail)
-                dropped.append({**row, "order": order, "reason": reason, "raw": raw})
+        answers = iter(job.generate("teacher", requests))
+        records = []
+        for item in payload:
+            if "orders" not in item:
+                records.append(record(item["row"], item["drop"]))
                 continue
-            best, worst = mapped[0]
-            counter.keep()
-            best_position[str(verdict.best)] = best_position.get(str(verdict.best), 0) + 1
-            pairs.append(
-                {
-                    "prompt": row["prompt"],
-                    "chosen": row["candidates"][best],
-                    "rejected": row["candidates"][worst],
-                    "reason": verdict.reason,
-                    "kind": row.get("kind"),
-                    "task": row.get("task"),
-                    "best": best,
-                    "worst": worst,
-                    "order": order,
-                    "raw": raw,
-                }
-            )
-        write_jsonl(ctx.out / "data.jsonl", pairs)
-        write_jsonl(ctx.out / "dropped.jsonl", dropped)
-        counter.log_summary()
-        if not pairs:
-            raise StageError(
-                f"stage 'judge': no usable verdict (drops: {dict(counter.reasons)}); look at "
-                f"{ctx.out / 'dropped.jsonl'}"
-            )
-        return {
-            "count": len(pairs),
-            "judged": len(todo),
-            "calls": len(requests),
-            "drops": dict(counter.reasons),
-            "best_position": dict(sorted(best_position.items())),
-        }
+            records.append(self.verdict(item["row"], item["orders"], [next(answers) for _ in item["orders"]]))
+        return {"records": records}
+
+    @staticmethod
+    def verdict(row: dict[str, Any], orders: list[list[int]], comps: list[Any]) -> dict[str, Any]:
+        """The record of one list: its DPO pair, or why its verdicts cannot make one."""
+        order, raw = orders[0], comps[0].text
+        mapped: list[tuple[int, int]] = []
+        failure: tuple[str, str] | None = None
+        verdict = None
+        for shown_order, comp in zip(orders, comps, strict=True):
+            if comp.error is not None:
+                failure = ("generation_error", comp.error)
+                break
+            got, why, detail = read_verdict(comp.text, len(shown_order))
+            if got is None:
+                failure = (why or "unparseable", detail)
+                break
+            verdict = verdict or got
+            mapped.append((to_original(shown_order, got.best), to_original(shown_order, got.worst)))
+        if failure is None and len(set(mapped)) > 1:
+            failure = (INCONSISTENT, f"verdicts by order: {mapped}")
+        if failure is None and not row["parsed"][mapped[0][0]]:
+            failure = (BEST_UNPARSEABLE, "")
+        if failure is not None or verdict is None:
+            reason, detail = failure or ("unparseable", "")
+            return record({**row, "order": order, "raw": raw}, reason, detail)
+        best, worst = mapped[0]
+        return record(
+            {
+                "prompt": row["prompt"],
+                "chosen": row["candidates"][best],
+                "rejected": row["candidates"][worst],
+                "reason": verdict.reason,
+                "kind": row.get("kind"),
+                "task": row.get("task"),
+                "best": best,
+                "worst": worst,
+                "order": order,
+                "raw": raw,
+            }
+        )
+
+    def summarize(
+        self, ctx: StageContext, kept: list[dict[str, Any]], dropped: list[dict[str, Any]], plan: Plan
+    ) -> dict[str, Any]:
+        # where the chosen candidate was shown (from 1), to watch position bias
+        position = Counter(str(p["order"].index(p["best"]) + 1) for p in kept)
+        return {**plan.stats, "best_position": dict(sorted(position.items()))}

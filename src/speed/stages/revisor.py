@@ -20,7 +20,8 @@ logger = logging.getLogger(__name__)
 
 def revisor_rows(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
     """(revisor prompt, revised example JSON) pairs from revision rows."""
-    from speed.tasks import example_json, revisor_prompt
+    from speed.stages.alignment import revisor_prompt
+    from speed.tasks import example_json
 
     return [
         {"prompt": revisor_prompt(r["prompt"], r["senior"]), "completion": example_json(r["revised"])}

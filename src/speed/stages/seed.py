@@ -1,9 +1,12 @@
 """seed: the teacher writes the examples the junior is fine-tuned on (SPEED: 25K calls).
 
-``seed.num_examples`` generation prompts are drawn (kind by ``seed.kind_mix``, a brainstormed task
-of that kind, attributes from the kind's sampler; see :func:`speed.stages.alignment.sample_prompts`)
-and the teacher answers each, constrained to the kind's JSON schema where the backend can. Each
-answer is parsed, filtered and near-deduplicated.
+``seed.num_examples`` generation prompts are drawn on the driver (kind by ``seed.kind_mix``, a
+brainstormed task of that kind, attributes from the kind's sampler; see
+:func:`speed.stages.alignment.sample_prompts`) and cut into shards. A worker
+(:class:`~speed.stages.generation.GenerationStage`: this process or a Ray actor) has the teacher
+answer each prompt, constrained to the kind's JSON schema where the backend can, parses the answer
+against the kind's pydantic schema and filters it; the driver then near-deduplicates the kept
+examples across shards, in shard order.
 
 Output ``data.jsonl``: ``{kind, task, attributes, prompt, raw, example}`` per kept example (``raw``
 is the teacher's text, ``example`` the parsed fields). ``dropped.jsonl`` holds the rest with their
@@ -13,15 +16,15 @@ reason; ``stats["drops"]`` counts them by reason.
 from __future__ import annotations
 
 import logging
+from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
-from speed.io import write_jsonl
-from speed.stage import Stage, StageContext, StageError, register
+from speed.stage import StageContext, register
 from speed.stages.alignment import (
     build_filters,
     chat,
     check_pool,
-    generate_all,
     kind_templates,
     mix_kinds,
     parse_example,
@@ -30,17 +33,22 @@ from speed.stages.alignment import (
     sampling,
     task_pool,
 )
+from speed.stages.generation import GenerationStage, Job, Plan, record
 
 logger = logging.getLogger(__name__)
 
+#: the fields of a prompt that its output row keeps
+PROMPT_FIELDS = ("kind", "task", "attributes", "prompt")
+
 
 @register
-class Seed(Stage):
+class Seed(GenerationStage):
     """Teacher-written seed examples."""
 
     name = "seed"
     reads = ("brainstorm",)
     roles = ("teacher",)
+    nothing_kept = "no teacher answer survived parsing and filters"
 
     def template_names(self, cfg: Any) -> tuple[str, ...]:
         return tuple(kind_templates(mix_kinds(cfg), generate=True))
@@ -49,57 +57,46 @@ class Seed(Stage):
         rows = require_rows(ctx, "brainstorm", ("kind", "task"))
         check_pool(task_pool(rows), mix_kinds(ctx.cfg), "seed")
 
-    def run(self, ctx: StageContext) -> dict[str, Any]:
-        from speed.data.dedup import MinHashDeduplicator, example_text
-        from speed.data.filters import DropCounter
-        from speed.tasks import get_kind
-
+    def plan(self, ctx: StageContext) -> Plan:
         scfg = ctx.cfg.seed
         pool = task_pool(require_rows(ctx, "brainstorm", ("kind", "task")))
         prompts, _ = sample_prompts(pool, scfg.num_examples, scfg.kind_mix, ctx.rng("prompts"), scfg.language)
-        spec = ctx.cfg.models.teacher
-        requests = [
-            chat(p.prompt, sampling(spec, seed=ctx.seed_for(i)), schema=get_kind(p.kind).json_schema())
-            for i, p in enumerate(prompts)
-        ]
-        comps = generate_all(ctx, ctx.llm("teacher"), requests, "seed examples")
+        items = [{**p.to_row(), "seed": ctx.seed_for(i)} for i, p in enumerate(prompts)]
+        return Plan.of_items(items, self.shard_size, requested=len(items))
 
-        filters = build_filters(scfg.check_language)
-        dedup = MinHashDeduplicator(threshold=scfg.dedup_threshold, seed=ctx.cfg.run.seed)
-        counter = DropCounter("seed")
-        kept: list[dict[str, Any]] = []
-        dropped: list[dict[str, Any]] = []
-        per_kind: dict[str, int] = {}
-        for p, comp in zip(prompts, comps, strict=True):
-            row = {**p.to_row(), "raw": comp.text}
+    def process(self, job: Job, payload: list[dict[str, Any]]) -> dict[str, Any]:
+        from speed.tasks import get_kind
+
+        spec = job.cfg.models.teacher
+        kinds = [get_kind(item["kind"]) for item in payload]
+        comps = job.generate(
+            "teacher",
+            [
+                chat(item["prompt"], sampling(spec, seed=item["seed"]), schema=kind.json_schema())
+                for item, kind in zip(payload, kinds, strict=True)
+            ],
+        )
+        filters = build_filters(job.cfg.seed.check_language)
+        records = []
+        for item, kind, comp in zip(payload, kinds, comps, strict=True):
+            row = {**{k: item[k] for k in PROMPT_FIELDS}, "raw": comp.text}
             if comp.error is not None:
-                counter.drop("generation_error", comp.error)
-                dropped.append({**row, "reason": "generation_error", "detail": comp.error})
+                records.append(record(row, "generation_error", comp.error))
                 continue
-            kind = get_kind(p.kind)
-            example, reason = parse_example(kind, comp.text, p.attributes, filters, counter)
+            example, reason, detail = parse_example(kind, comp.text, item["attributes"], filters)
             if example is None:
-                dropped.append({**row, "reason": reason})
-                continue
-            dup = dedup.check(example_text(example))
-            if dup is not None:
-                counter.drop(dup)
-                dropped.append({**row, "reason": dup})
-                continue
-            counter.keep()
-            kept.append({**row, "example": example.model_dump()})
-            per_kind[p.kind] = per_kind.get(p.kind, 0) + 1
-        write_jsonl(ctx.out / "data.jsonl", kept)
-        write_jsonl(ctx.out / "dropped.jsonl", dropped)
-        counter.log_summary()
-        if not kept:
-            raise StageError(
-                f"stage 'seed': no teacher answer survived parsing and filters (drops: {dict(counter.reasons)}); "
-                f"look at {ctx.out / 'dropped.jsonl'}"
-            )
-        return {
-            "count": len(kept),
-            "requested": len(prompts),
-            "per_kind": per_kind,
-            "drops": dict(counter.reasons),
-        }
+                records.append(record(row, reason, detail))
+            else:
+                records.append(record({**row, "example": example.model_dump()}))
+        return {"records": records}
+
+    def accept(self, ctx: StageContext) -> Callable[[dict[str, Any]], str | None]:
+        from speed.data.dedup import MinHashDeduplicator, example_text
+
+        dedup = MinHashDeduplicator(threshold=ctx.cfg.seed.dedup_threshold, seed=ctx.cfg.run.seed)
+        return lambda row: dedup.check(example_text(row["example"]))
+
+    def summarize(
+        self, ctx: StageContext, kept: list[dict[str, Any]], dropped: list[dict[str, Any]], plan: Plan
+    ) -> dict[str, Any]:
+        return {**plan.stats, "per_kind": dict(Counter(r["kind"] for r in kept))}

@@ -28,6 +28,10 @@ Design choices:
   seed (the kind order from one stream, each shard's tasks and attributes from a stream of its own),
   so a resumed run plans the same prompts without storing them. A shard carries only its kinds and
   seeds; the worker renders its prompts, so the driver of a 920K run never holds 920K prompts.
+- The stage runs on the generation skeleton (:mod:`speed.stages.generation`), as every stage that
+  calls a model does; it keeps its own shard plan (a shard is its kinds and seeds, not its prompts)
+  and its own :meth:`Synthesize.finish` (decontamination, dedup and Parquet parts written shard by
+  shard, since a 920K-example output is not held in memory).
 - Dedup and decontamination run after generation, over all shards in shard order, on the driver:
   the result is the same whether or not the run was killed, and whichever executor ran the shards.
   Parsing and filtering run in the workers (they are per example, and spread the CPU work).
@@ -53,11 +57,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from speed.executors.base import Shard, Worker, WorkerEnv, WorkerFactory
-from speed.io import atomic_write, read_jsonl, write_json, write_jsonl
+from speed.executors.base import Shard
+from speed.io import atomic_write, read_jsonl
 from speed.llm.base import Request, Sampling
-from speed.stage import Stage, StageContext, StageError, register
-from speed.stages.alignment import kind_templates, require_rows, task_pool
+from speed.stage import StageContext, StageError, register
+from speed.stages.alignment import kind_templates, require_rows, revisor_prompt, task_pool
+from speed.stages.generation import GenerationStage, Job, Plan, shard_id
 
 logger = logging.getLogger(__name__)
 
@@ -194,153 +199,18 @@ def shard_prompts(
     )
 
 
-def shard_id(i: int) -> str:
-    return f"{i:05d}"
-
-
-# --------------------------------------------------------------------------------------------
-# the worker (runs where the executor puts it)
-
-
-class SynthesisWorker(Worker):
-    """Holds a senior (and a revisor) replica; turns a shard of prompts into parsed records.
-
-    Args:
-        env: where the models come from.
-        revise: run the revisor over the senior's outputs.
-        senior_sampling: ``temperature``, ``top_p``, ``max_tokens`` of the senior.
-        revisor_sampling: the same for the revisor.
-        pool: brainstormed tasks per kind.
-        language: the language of the examples.
-        json_schema: ask for the kind's JSON schema.
-        check_language: run the language filter.
-    """
-
-    def __init__(
-        self,
-        env: WorkerEnv,
-        *,
-        revise: bool,
-        senior_sampling: Mapping[str, Any],
-        revisor_sampling: Mapping[str, Any],
-        pool: Mapping[str, Sequence[str]],
-        language: str = "English",
-        json_schema: bool = False,
-        check_language: bool = True,
-    ):
-        from speed.stages.alignment import build_filters
-
-        super().__init__(env)
-        # the env resolves the trained senior's and revisor's folders, on the driver or a Ray actor
-        self.senior = env.llm("senior")
-        self.revisor = env.llm("revisor") if revise else None
-        self.senior_sampling = dict(senior_sampling)
-        self.revisor_sampling = dict(revisor_sampling)
-        self.pool = pool
-        self.language = language
-        self.json_schema = json_schema
-        self.filters = build_filters(check_language)
-
-    def _calls(self) -> dict[str, int]:
-        calls = {"senior_sent": self.senior.sent, "senior_replayed": self.senior.replayed}
-        if self.revisor is not None:
-            calls |= {"revisor_sent": self.revisor.sent, "revisor_replayed": self.revisor.replayed}
-        return calls
-
-    def process(self, shard: Shard) -> dict[str, Any]:
-        from speed.data.filters import DropCounter, first_failure
-        from speed.tasks import get_kind, revisor_prompt
-
-        before = self._calls()
-        prompts = shard_prompts(shard.payload, self.pool, self.language)
-        kinds = [get_kind(p["kind"]) for p in prompts]
-        schema = [k.json_schema() if self.json_schema else None for k in kinds]
-        senior = self.senior.generate(
-            [
-                Request.chat(p["prompt"], sampling=Sampling(**self.senior_sampling, seed=p["seed"]), schema=s)
-                for p, s in zip(prompts, schema, strict=True)
-            ]
-        )
-        parsed = [k.parse(c.text) if c.error is None else None for k, c in zip(kinds, senior, strict=True)]
-
-        revised_texts: dict[int, str | None] = {}
-        if self.revisor is not None:
-            todo = [i for i, c in enumerate(senior) if c.error is None and c.text.strip()]
-            requests = [
-                Request.chat(
-                    revisor_prompt(prompts[i]["prompt"], senior[i].text),
-                    sampling=Sampling(**self.revisor_sampling, seed=prompts[i]["revise_seed"]),
-                    schema=schema[i],
-                )
-                for i in todo
-            ]
-            for i, comp in zip(todo, self.revisor.generate(requests), strict=True):
-                revised_texts[i] = comp.text if comp.error is None else None
-
-        counter = DropCounter(f"synthesize shard {shard.id}")
-        unparsed_revisions = 0
-        records = []
-        for i, p in enumerate(prompts):
-            kind, comp, result = kinds[i], senior[i], parsed[i]
-            record: dict[str, Any] = {
-                **{k: p[k] for k in ("index", "kind", "task", "attributes", "prompt")},
-                "raw_output": comp.text,
-                "revisor_output": revised_texts.get(i),
-                "revised": False,
-                "example": None,
-                "drop": None,
-                "detail": "",
-            }
-            example = None
-            if i in revised_texts and revised_texts[i] is not None:
-                revision = kind.parse(revised_texts[i] or "")
-                if revision.value is not None:
-                    example, record["revised"] = revision.value, True
-                else:
-                    unparsed_revisions += 1
-            if example is None and result is not None and result.value is not None:
-                example = result.value
-            if example is None:
-                if comp.error is not None:
-                    record["drop"], record["detail"] = "generation_error", comp.error
-                else:
-                    assert result is not None
-                    record["drop"] = result.reason or "unparseable"
-                    record["detail"] = result.detail
-                counter.drop(record["drop"], record["detail"])
-            else:
-                record["example"] = example.model_dump()
-                failed = first_failure(example, kind, p["attributes"], self.filters, counter)
-                if failed is not None:
-                    record["drop"] = failed
-                else:
-                    counter.keep()
-            records.append(record)
-        after = self._calls()
-        return {
-            "records": records,
-            "calls": {k: after[k] - before.get(k, 0) for k in after},
-            "kept": counter.kept,
-            "drops": dict(counter.reasons),
-            "revised": sum(r["revised"] for r in records),
-            "unparsed_revisions": unparsed_revisions,
-            "tokens_out": sum(c.tokens_out for c in senior),
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-        }
-
-
 # --------------------------------------------------------------------------------------------
 # the stage
 
 
 @register
-class Synthesize(Stage):
+class Synthesize(GenerationStage):
     """Senior writes, revisor revises, then parse, filter, decontaminate, dedup; sharded, resumable."""
 
     name = "synthesize"
     reads = ("brainstorm", "senior", "revisor")
     roles = ("senior", "revisor")
+    release_after = ("senior", "revisor")
     # the evaluation tasks decide what decontamination drops (the rest of evaluate does not)
     extra_sections = ("evaluate.tasks",)
 
@@ -420,68 +290,114 @@ class Synthesize(Stage):
             out.append(Shard(shard_id(i), payload))
         return out
 
-    def run(self, ctx: StageContext) -> dict[str, Any]:
+    def plan(self, ctx: StageContext) -> Plan:
         scfg = ctx.cfg.synthesize
-        folder = ctx.out / "shards"
-        folder.mkdir(parents=True, exist_ok=True)
         shards = self.shards(ctx)
-        todo = [s for s in shards if not (folder / f"{s.id}.done").exists()]
-        logger.info(
-            "synthesize: %d prompts in %d shards; %d done before, %d to run on the %s executor",
-            scfg.num_examples,
-            len(shards),
-            len(shards) - len(todo),
-            len(todo),
-            ctx.cfg.executor.kind,
-        )
+        logger.info("synthesize: %d prompts in %d shards", scfg.num_examples, len(shards))
+        return Plan(shards)
 
+    def worker_context(self, ctx: StageContext) -> dict[str, Any]:
         spec_s, spec_r = ctx.cfg.models.senior, ctx.cfg.models.revisor
-        factory = WorkerFactory(
-            SynthesisWorker,
-            {
-                "revise": scfg.revise,
-                "senior_sampling": {
-                    "temperature": spec_s.temperature,
-                    "top_p": spec_s.top_p,
-                    "max_tokens": spec_s.max_tokens,
-                },
-                "revisor_sampling": {
-                    "temperature": spec_r.temperature,
-                    "top_p": spec_r.top_p,
-                    "max_tokens": spec_r.max_tokens,
-                },
-                "pool": self.pool(ctx),
-                "language": scfg.language,
-                "json_schema": scfg.json_schema,
-                "check_language": scfg.check_language,
+        return {
+            "senior": {
+                "temperature": spec_s.temperature,
+                "top_p": spec_s.top_p,
+                "max_tokens": spec_s.max_tokens,
             },
-        )
-        calls: Counter[str] = Counter()
-        done = len(shards) - len(todo)
-        for sid, result in ctx.progress(ctx.executor.map(ctx, factory, todo), total=len(todo), desc="shards"):
-            write_jsonl(folder / f"{sid}.jsonl", result["records"])
-            summary = {k: v for k, v in result.items() if k != "records"}
-            write_json(folder / f"{sid}.done", summary)  # the shard is done once this exists
-            with open(folder / "processed.log", "a", encoding="utf-8") as log:
-                log.write(f"{sid}\n")
-            calls.update(result["calls"])
-            done += 1
-            logger.info(
-                "synthesize: shard %s done (%d/%d), kept %d of %d before dedup",
-                sid,
-                done,
-                len(shards),
-                result["kept"],
-                len(result["records"]),
-            )
-        for role in ("senior", "revisor"):
-            ctx.session.release(role)
-        stats = self.finish(ctx, [s.id for s in shards])
-        stats["shards"] = {"total": len(shards), "run": len(todo), "resumed": len(shards) - len(todo)}
-        stats["calls_this_run"] = dict(calls)
-        return stats
+            "revisor": {
+                "temperature": spec_r.temperature,
+                "top_p": spec_r.top_p,
+                "max_tokens": spec_r.max_tokens,
+            },
+            "pool": self.pool(ctx),
+        }
 
-    def finish(self, ctx: StageContext, ids: Sequence[str]) -> dict[str, Any]:
+    def process(self, job: Job, payload: dict[str, Any]) -> dict[str, Any]:
+        """Senior writes each prompt of the shard, the revisor revises, then parse and filter."""
+        from speed.data.filters import DropCounter, first_failure
+        from speed.stages.alignment import build_filters
+        from speed.tasks import get_kind
+
+        scfg, context = job.cfg.synthesize, job.context
+        prompts = shard_prompts(payload, context["pool"], scfg.language)
+        kinds = [get_kind(p["kind"]) for p in prompts]
+        schema = [k.json_schema() if scfg.json_schema else None for k in kinds]
+        # the env resolves the trained senior's and revisor's folders, on the driver or a Ray actor
+        senior = job.generate(
+            "senior",
+            [
+                Request.chat(p["prompt"], sampling=Sampling(**context["senior"], seed=p["seed"]), schema=s)
+                for p, s in zip(prompts, schema, strict=True)
+            ],
+        )
+        parsed = [k.parse(c.text) if c.error is None else None for k, c in zip(kinds, senior, strict=True)]
+
+        revised_texts: dict[int, str | None] = {}
+        if scfg.revise:
+            todo = [i for i, c in enumerate(senior) if c.error is None and c.text.strip()]
+            requests = [
+                Request.chat(
+                    revisor_prompt(prompts[i]["prompt"], senior[i].text),
+                    sampling=Sampling(**context["revisor"], seed=prompts[i]["revise_seed"]),
+                    schema=schema[i],
+                )
+                for i in todo
+            ]
+            for i, comp in zip(todo, job.generate("revisor", requests), strict=True):
+                revised_texts[i] = comp.text if comp.error is None else None
+
+        filters = build_filters(scfg.check_language)
+        counter = DropCounter("synthesize shard")
+        unparsed_revisions = 0
+        records = []
+        for i, p in enumerate(prompts):
+            kind, comp, result = kinds[i], senior[i], parsed[i]
+            record: dict[str, Any] = {
+                **{k: p[k] for k in ("index", "kind", "task", "attributes", "prompt")},
+                "raw_output": comp.text,
+                "revisor_output": revised_texts.get(i),
+                "revised": False,
+                "example": None,
+                "drop": None,
+                "detail": "",
+            }
+            example = None
+            if i in revised_texts and revised_texts[i] is not None:
+                revision = kind.parse(revised_texts[i] or "")
+                if revision.value is not None:
+                    example, record["revised"] = revision.value, True
+                else:
+                    unparsed_revisions += 1
+            if example is None and result is not None and result.value is not None:
+                example = result.value
+            if example is None:
+                if comp.error is not None:
+                    record["drop"], record["detail"] = "generation_error", comp.error
+                else:
+                    assert result is not None
+                    record["drop"] = result.reason or "unparseable"
+                    record["detail"] = result.detail
+                counter.drop(record["drop"], record["detail"])
+            else:
+                record["example"] = example.model_dump()
+                failed = first_failure(example, kind, p["attributes"], filters, counter)
+                if failed is not None:
+                    record["drop"] = failed
+                else:
+                    counter.keep()
+            records.append(record)
+        return {
+            "records": records,
+            "kept": counter.kept,
+            "drops": dict(counter.reasons),
+            "revised": sum(r["revised"] for r in records),
+            "unparsed_revisions": unparsed_revisions,
+            "tokens_out": sum(c.tokens_out for c in senior),
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+        }
+
+    def finish(self, ctx: StageContext, ids: Sequence[str], plan: Plan) -> dict[str, Any]:
         """Decontaminate and deduplicate across all shards (in order), write the training rows."""
         from speed.data.dedup import MinHashDeduplicator, example_text
         from speed.data.filters import DropCounter

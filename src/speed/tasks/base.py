@@ -15,8 +15,10 @@ Design choices:
   has the value ``None`` is left out: that is how attributes "added half of the time" (education
   level, clarity and difficulty) appear or not. Retrieval shuffles their order per prompt (SPEED).
 - Attributes are plain JSON values so that they are stored beside each prompt and replayed.
-- The method-level prompts of the alignment stages (judge, revise, revisor) live here too, with the
-  pydantic schemas of the teacher's answers, because they are the same for every kind.
+- The method-level prompts of the alignment stages (judge, revise, revisor) are not here: each
+  lives with the pydantic model of its answer in the stage that asks it (``speed.stages.judge``,
+  ``speed.stages.revisions``, ``speed.stages.alignment``); their template files stay here, with
+  every other prompt of the package.
 - Parsing never raises on bad model output: it returns a :class:`~speed.data.parsing.ParseResult`
   with a drop reason that the stage counts.
 """
@@ -33,7 +35,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from functools import cache
 from pathlib import Path
 from string import Template
-from typing import Any, ClassVar, Generic, TypeVar, cast
+from typing import Any, ClassVar, TypeVar, cast
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -175,23 +177,32 @@ def weighted_choice(rng: random.Random, weights: Mapping[Any, float]) -> Any:
 
 
 def strict_schema(model: type[BaseModel]) -> dict[str, Any]:
-    """JSON schema of ``model`` for constrained decoding: in every object all properties are required
-    and no others are allowed (what grammar-based decoders and OpenAI's strict mode expect)."""
+    """JSON schema of ``model`` for constrained decoding, derived from the pydantic model itself.
 
-    def tighten(node: Any) -> None:
-        if isinstance(node, dict):
-            if node.get("type") == "object" and "properties" in node:
-                node["required"] = list(node["properties"])
-                node["additionalProperties"] = False
-            for value in node.values():
-                tighten(value)
-        elif isinstance(node, list):
-            for value in node:
-                tighten(value)
-
+    In every object all properties are required and no others are allowed (what grammar-based
+    decoders and OpenAI's strict mode expect); nested models are inlined rather than referenced
+    through ``$defs`` (not every decoder follows ``$ref``), and defaults are left out (a required
+    field has none to fall back on).
+    """
     schema = model.model_json_schema()
-    tighten(schema)
-    return schema
+    defs = schema.pop("$defs", {})
+
+    def tighten(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                extra = {k: v for k, v in node.items() if k != "$ref"}
+                return tighten({**defs[ref.removeprefix("#/$defs/")], **extra})
+            out = {k: tighten(v) for k, v in node.items() if k != "default"}
+            if out.get("type") == "object" and "properties" in out:
+                out["required"] = list(out["properties"])
+                out["additionalProperties"] = False
+            return out
+        if isinstance(node, list):
+            return [tighten(v) for v in node]
+        return node
+
+    return cast(dict[str, Any], tighten(schema))
 
 
 class Example(BaseModel):
@@ -215,7 +226,11 @@ class TaskList(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    tasks: list[str] = Field(description="One sentence per task: what the query is, what the documents are.")
+    tasks: list[str] = Field(
+        description="One sentence per task: what the query is, what the documents are.",
+        # in the schema only: emptiness is refused by _not_empty with its own message
+        json_schema_extra={"minItems": 1},
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -441,114 +456,10 @@ def get_kind(name: str) -> TaskKind:
 
 
 # --------------------------------------------------------------------------------------------
-# alignment prompts (judge, revise, revisor): the same for every kind
-
-JUDGE_TEMPLATE = "judge"
-REVISE_TEMPLATE = "revise"
-REVISOR_TEMPLATE = "revisor"
-
-E = TypeVar("E", bound=BaseModel)
+# examples as text
 
 
 def example_json(example: BaseModel | Mapping[str, Any]) -> str:
     """An example as the compact JSON text models are trained to write (keys in schema order)."""
     data = example.model_dump() if isinstance(example, BaseModel) else dict(example)
     return json.dumps(data, ensure_ascii=False)
-
-
-class Judgement(BaseModel):
-    """The teacher's verdict on K candidates: 1-based indices of the best and the worst."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    reason: str = Field("", description="Why the best beats the others and the worst loses.")
-    best: int = Field(ge=1, description="Number of the best candidate, as shown in the prompt (from 1).")
-    worst: int = Field(ge=1, description="Number of the worst candidate, as shown in the prompt (from 1).")
-
-    @field_validator("best", "worst", mode="before")
-    @classmethod
-    def _number_in_text(cls, value: Any) -> Any:
-        # "Candidate 3" or "#3" -> 3
-        if isinstance(value, str):
-            digits = re.findall(r"\d+", value)
-            if len(digits) == 1:
-                return int(digits[0])
-        return value
-
-    @model_validator(mode="after")
-    def _distinct(self) -> Judgement:
-        if self.best == self.worst:
-            raise ValueError(f"best and worst are both candidate {self.best}; they must differ")
-        return self
-
-
-class Revision(BaseModel, Generic[E]):
-    """The teacher's revision: a reason and the revised example of the kind's schema."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    reason: str = Field(
-        "", description="What was wrong and what changed (relevance, completeness, accuracy)."
-    )
-    revised: E = Field(description="The revised example, same fields as the generator's output.")
-
-
-def judge_prompt(generation_prompt: str, candidates: Sequence[str]) -> str:
-    """The prompt showing the teacher a generation prompt and its numbered candidates (from 1).
-
-    Raises:
-        ValueError: fewer than two candidates.
-    """
-    if len(candidates) < 2:
-        raise ValueError(f"the judge needs at least 2 candidates, got {len(candidates)}")
-    shown = "\n\n".join(f"Candidate {i}:\n{c.strip()}" for i, c in enumerate(candidates, start=1))
-    return render_template(
-        JUDGE_TEMPLATE,
-        generation_prompt=generation_prompt.strip(),
-        candidates=shown,
-        num_candidates=len(candidates),
-    )
-
-
-def parse_judgement(text: str, num_candidates: int) -> ParseResult[Judgement]:
-    """Parse the judge's answer; indices outside ``1..num_candidates`` are a drop."""
-    result = parse_json(text, Judgement)
-    if result.value is not None:
-        bad = [i for i in (result.value.best, result.value.worst) if i > num_candidates]
-        if bad:
-            return ParseResult(
-                None,
-                "judge_index_out_of_range",
-                f"candidate {bad[0]} named, but only {num_candidates} were shown",
-                result.repaired,
-            )
-    return result
-
-
-def revise_prompt(generation_prompt: str, example: str | BaseModel | Mapping[str, Any]) -> str:
-    """The prompt showing the teacher a generation prompt and one generated example."""
-    shown = example if isinstance(example, str) else example_json(example)
-    return render_template(
-        REVISE_TEMPLATE, generation_prompt=generation_prompt.strip(), example=shown.strip()
-    )
-
-
-@cache
-def revision_schema(kind_name: str) -> type[Revision[Any]]:
-    """The pydantic model of the teacher's revision for one kind (``reason`` + ``revised``)."""
-    generic: Any = Revision  # parametrized at run time with the kind's schema
-    return cast(type[Revision[Any]], generic[get_kind(kind_name).schema])
-
-
-def parse_revision(text: str, kind: TaskKind | str) -> ParseResult[Revision[Any]]:
-    """Parse the teacher's revision; ``revised`` is validated against the kind's schema."""
-    name = kind if isinstance(kind, str) else kind.name
-    return parse_json(text, revision_schema(name))
-
-
-def revisor_prompt(generation_prompt: str, example: str | BaseModel | Mapping[str, Any]) -> str:
-    """The data revisor's input; its training target is :func:`example_json` of the revision."""
-    shown = example if isinstance(example, str) else example_json(example)
-    return render_template(
-        REVISOR_TEMPLATE, generation_prompt=generation_prompt.strip(), example=shown.strip()
-    )

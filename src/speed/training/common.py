@@ -298,6 +298,8 @@ def trainer_args(
         "use_cpu": device == "cpu",
         checkpointing: cfg.gradient_checkpointing,
         "logging_steps": 1,
+        # a NaN step would otherwise be logged as the mean of the finite ones, hiding it from check_losses
+        "logging_nan_inf_filter": False,
         "save_strategy": "no",
         "report_to": "none",
         "disable_tqdm": True,
@@ -315,9 +317,16 @@ def quiet_trainer(trainer: Any, log_prefix: str) -> Any:
 
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
-    recorder = _loss_recorder_class()(log_prefix)
+    recorder = loss_recorder(log_prefix)
     trainer.add_callback(recorder)
     return recorder
+
+
+def loss_recorder(prefix: str) -> Any:
+    """A trainer callback that keeps every logged loss and metric and logs progress (the one loss
+    logger of every trainer here: SFT, DPO, contrastive); check its ``losses`` with
+    :func:`check_losses`."""
+    return _loss_recorder_class()(prefix)
 
 
 def _loss_recorder_class() -> type:
@@ -342,6 +351,8 @@ def _loss_recorder_class() -> type:
             for k, v in logs.items():
                 if k not in ("loss", "epoch", "step") and isinstance(v, int | float):
                     self.metrics.setdefault(k, []).append(float(v))
+            if not getattr(state, "is_world_process_zero", True):
+                return  # one log line per step, not one per process
             logger.info(
                 "%s step %d/%d loss %.4f (%.1fs)",
                 self.prefix,

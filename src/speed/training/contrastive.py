@@ -52,6 +52,7 @@ from speed.formats import format_query
 from speed.io import atomic_write, read_jsonl
 from speed.models import resolve_hf
 from speed.precision import Chosen, choose_precision, device_name
+from speed.training.common import check_losses, loss_recorder
 
 logger = logging.getLogger(__name__)
 
@@ -380,28 +381,6 @@ def _merge_lora(st: Any) -> None:
 # training
 
 
-def _loss_logger() -> Any:
-    """A TrainerCallback that sends the trainer's periodic logs to this module's logger."""
-    from transformers import TrainerCallback
-
-    class LossLogger(TrainerCallback):
-        """Send the trainer's periodic logs (loss, learning rate) to this module's logger."""
-
-        def on_log(
-            self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any
-        ) -> None:
-            if logs and "loss" in logs and state.is_world_process_zero:
-                logger.info(
-                    "step %d/%d loss %.4f lr %.2e",
-                    state.global_step,
-                    state.max_steps,
-                    float(logs["loss"]),
-                    float(logs.get("learning_rate", math.nan)),
-                )
-
-    return LossLogger()
-
-
 def _checkpointing_kwargs(enabled: bool) -> dict[str, Any]:
     """transformers 5 renamed gradient_checkpointing to activation_checkpointing; pass whichever exists."""
     import dataclasses
@@ -553,6 +532,8 @@ def train_embedder(
             use_cpu=use_cpu,
             save_strategy="no",
             logging_steps=logging_steps,
+            # the Trainer would log a NaN step as the mean of the finite ones; check_losses must see it
+            logging_nan_inf_filter=False,
             logging_first_step=True,
             report_to="none",
             seed=seed,
@@ -570,8 +551,11 @@ def train_embedder(
         if not progress:
             trainer.remove_callback(ProgressCallback)
         trainer.remove_callback(PrinterCallback)
-        trainer.add_callback(_loss_logger())
+        recorder = loss_recorder("embed")
+        trainer.add_callback(recorder)
         output = trainer.train()
+        # the check SFT and DPO make too: a diverged run must not be saved as a trained model
+        check_losses(recorder.losses, "embed")
         history = [
             {
                 "step": float(e["step"]),

@@ -100,7 +100,10 @@ class SubtopicList(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    subtopics: list[str] = Field(description="Distinct subtopics of the domain, short noun phrases.")
+    subtopics: list[str] = Field(
+        description="Distinct subtopics of the domain, short noun phrases.",
+        json_schema_extra={"minItems": 1},  # in the schema only: parsing keeps its own checks
+    )
 
     @model_validator(mode="before")
     @classmethod
