@@ -558,6 +558,8 @@ def serve(
     file: str | None = None,
     log_path: str | os.PathLike[str] | None = None,
     ready: threading.Event | None = None,
+    engine: str = "auto",
+    parallel: int = 4,
 ) -> None:
     """Serve a model with llama.cpp's OpenAI-compatible server until Ctrl-C (``speed serve MODEL``).
 
@@ -570,6 +572,8 @@ def serve(
         file: which GGUF of a folder.
         log_path: the server's log file (default under ``$SPEED_CACHE/logs``).
         ready: set once the server answers (for callers that run this in a thread).
+        engine: ``auto`` (native when built), ``native`` or ``python``.
+        parallel: slots of the native server.
 
     Raises:
         BackendError: the server failed to start or exited on its own.
@@ -582,6 +586,8 @@ def serve(
         port=port,
         alias=model if os.sep not in model else Path(model).name,
         log_path=log_path,
+        engine=choose_engine(engine),
+        parallel=parallel,
     )
     # Ctrl-C may come while the server is still starting (a client can reach it before the
     # readiness check returns): the with block stops it either way
