@@ -462,6 +462,7 @@ class LlamaCppServerBackend(Backend):
                 schema_mode=schema_mode,
                 extra_body={k: opts[k] for k in ("top_k", "min_p", "repeat_penalty")},
                 model_id=self.model_id,
+                max_n=parallel if engine == "native" else None,
             )
         except BaseException:
             self.server.stop()
