@@ -335,6 +335,7 @@ def run_engine(mode: str, prompts: list[dict[str, Any]], args: argparse.Namespac
         "load": load,
         "tokens": sum(c.tokens_out for c in comps),
         "parse": _parse_rate(prompts, [c.text for c in comps]),
+        "cut": sum(r == "length" for c in comps for r in c.finish_reasons),
         "errors": errors,
     }
 
@@ -397,7 +398,9 @@ def run_raw_server(
                     **SAMPLER,
                 }
                 out = client.post(f"{url}/v1/chat/completions", json=body).json()
-                return out["choices"][0]["message"]["content"] or "", out["usage"]["completion_tokens"]
+                choice = out["choices"][0]
+                cut = choice.get("finish_reason") == "length"
+                return choice["message"]["content"] or "", out["usage"]["completion_tokens"], cut
 
             t0 = time.perf_counter()
             with ThreadPoolExecutor(parallel) as pool:
@@ -409,8 +412,9 @@ def run_raw_server(
     return {
         "seconds": seconds,
         "load": load,
-        "tokens": sum(n for _, n in answers),
-        "parse": _parse_rate(prompts, [text for text, _ in answers]),
+        "tokens": sum(n for _, n, _ in answers),
+        "parse": _parse_rate(prompts, [text for text, _, _ in answers]),
+        "cut": sum(cut for _, _, cut in answers),
         "errors": 0,
     }
 
@@ -432,7 +436,7 @@ def bench_engines(root: Path, up: dict[str, str], args: argparse.Namespace) -> N
             print(
                 f"  {mode:13s} run {rep}: {res['tokens'] / res['seconds']:7.1f} tokens/s, "
                 f"{res['tokens']:.0f} tokens in {res['seconds']:.1f} s (load {res['load']:.1f} s), "
-                f"parse {res['parse']:.0%}, errors {res['errors']:.0f}",
+                f"parse {res['parse']:.0%} ({res['cut']:.0f} cut at max_tokens), errors {res['errors']:.0f}",
                 flush=True,
             )
     print(f"# load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
