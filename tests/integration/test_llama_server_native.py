@@ -4,7 +4,8 @@ What is checked, on a real server on 127.0.0.1 with two slots: four schema-const
 at once all validate against the schema; the server decoded more than one of them together (its
 ``/metrics`` counts busy slots per decode step, cumulatively: an average above 1 is only possible if
 some step ran two requests, whatever the machine's speed); a seeded request asked twice, alone, gets
-the same text; three samples on two slots come back as three; the process is gone after ``close()``.
+the same text; three samples on two slots come back as three; the process is gone after ``close()``, and the
+watchdog ends the binary when its owner is killed outright (SIGKILL).
 """
 
 from __future__ import annotations
@@ -103,3 +104,50 @@ def test_four_schema_requests_on_two_slots_validate_and_overlap(native_spec: Mod
         backend.close()
     assert not backend.server.is_running()
     assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
+
+
+_OWNER = """
+import sys, time
+from pathlib import Path
+from speed.llm.server import LlamaCppServer
+server = LlamaCppServer(sys.argv[1], engine="native", threads=1, n_ctx=512, log_path=sys.argv[2]).start()
+pid = server.process.pid
+children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+print(pid, *children, flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_native_server_never_outlives_an_owner_killed_outright(
+    native_spec: ModelSpec, smollm2_gguf: Path, tmp_path: Path
+) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    owner = subprocess.Popen(
+        [sys.executable, "-c", _OWNER, str(smollm2_gguf), str(tmp_path / "s.log")],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        pids = [int(p) for p in (owner.stdout.readline() if owner.stdout else "").split()]
+        assert len(pids) == 2, f"the watchdog and the llama-server binary; got {pids}"
+        owner.send_signal(signal.SIGKILL)  # no atexit, no finally: the watchdog must end both
+        owner.wait(timeout=60)
+        deadline = time.monotonic() + 30
+        while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(_alive(p) for p in pids), f"{pids} outlived their owner"
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")
