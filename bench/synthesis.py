@@ -23,6 +23,29 @@ Usage::
     python bench/synthesis.py                    # 12 examples, 3 repeats: several minutes on 2 cores
     python bench/synthesis.py --examples 24 --repeats 5 --max-tokens 256
 
+Engines (``--modes engines``): the same senior prompts (the stage's prompt plan, seeds and the kind's
+JSON schema) answered by each generation engine on the same SmolLM2-135M, ``--threads`` threads, all
+requests handed over at once; printed per engine: aggregate generated tokens/s (all completion tokens
+over the wall time from the first request to the last answer; model loading apart) and JSON parse
+rate (the answer parses as the kind's schema), medians over ``--repeats``, engines interleaved within
+each repeat so that noise from other processes spreads over all of them:
+
+- ``hf``: transformers (``backend: hf``), batch 8, the safetensors folder of the same model; no
+  grammar (free output: today's path for trained generators),
+- ``pyserver``: llama-cpp-python's server (``llamacpp_server``, ``engine: python``; today's teacher path),
+- ``nativeP``: llama.cpp's ``llama-server`` through speed's ``llamacpp_server`` backend, ``P`` slots
+  (``parallel``) and ``P`` requests in flight,
+- ``rawP``: the same ``llama-server`` binary with the same arguments and environment, driven with
+  plain HTTP (httpx, ``P`` threads, hand-written request bodies): no speed code; ``nativeP / rawP``
+  is the overhead of speed's backend,
+- ``nativeP-q8_0``, ``nativeP-f16``: the safetensors folder converted back to GGUF by
+  :func:`speed.llm.gguf.gguf_for` (the trained generators' path) in that type.
+
+The packaged GGUF is Q4_1; the safetensors folder is that GGUF dequantized, so all engines run the
+same weights up to the storage type.
+
+    python bench/synthesis.py --modes engines --engines hf,pyserver,native1,native4,raw4 --prompts 16
+
 Figures depend on what else runs on the machine: the load average is printed before and after.
 """
 
@@ -178,15 +201,10 @@ def run_stage(cfg: Any) -> dict[str, float]:
     return {"seconds": seconds, "tokens": tokens, "examples": len(records), "kept": kept}
 
 
-def run_raw(cfg: Any, args: argparse.Namespace) -> dict[str, float]:
-    """The same senior and revisor requests through one raw llama_cpp.Llama, one after another."""
-    import llama_cpp
-
-    from speed.models import resolve_gguf
+def plan_prompts(cfg: Any) -> list[dict[str, Any]]:
+    """The synthesize stage's prompts for ``cfg`` (kind, prompt, seeds), as its shards would send them."""
     from speed.runner import Runner, RunSession, StageContext
-    from speed.stages.alignment import revisor_prompt
     from speed.stages.synthesize import Synthesize, shard_prompts
-    from speed.tasks import get_kind
 
     # the same prompt plan and seeds as the stage (planning is not timed)
     run_dir = Path(cfg.run.dir)
@@ -202,7 +220,17 @@ def run_raw(cfg: Any, args: argparse.Namespace) -> dict[str, float]:
     pool = stage.pool(ctx)
     prompts = [p for shard in stage.shards(ctx) for p in shard_prompts(shard.payload, pool, "English")]
     session.close()
+    return prompts
 
+
+def run_raw(cfg: Any, args: argparse.Namespace) -> dict[str, float]:
+    """The same senior and revisor requests through one raw llama_cpp.Llama, one after another."""
+    import llama_cpp
+
+    from speed.models import resolve_gguf
+    from speed.tasks import get_kind, revisor_prompt
+
+    prompts = plan_prompts(cfg)
     t0 = time.perf_counter()
     llm = llama_cpp.Llama(
         model_path=str(resolve_gguf(MODEL)), n_ctx=4096, n_threads=1, n_threads_batch=1, verbose=False
@@ -238,6 +266,190 @@ def run_raw(cfg: Any, args: argparse.Namespace) -> dict[str, float]:
     }
 
 
+def _parse_rate(prompts: list[dict[str, Any]], texts: list[str]) -> float:
+    from speed.tasks import get_kind
+
+    ok = sum(get_kind(p["kind"]).parse(t).value is not None for p, t in zip(prompts, texts, strict=True))
+    return ok / max(1, len(prompts))
+
+
+def _engine_mode(mode: str) -> tuple[str, int, str | None]:
+    """``native4-q8_0`` -> ("native", 4, "q8_0"); ``hf`` -> ("hf", 8, None)."""
+    name, _, outtype = mode.partition("-")
+    engine = name.rstrip("0123456789")
+    digits = name[len(engine) :]
+    return engine, int(digits) if digits else (8 if engine == "hf" else 1), outtype or None
+
+
+def run_engine(mode: str, prompts: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, float]:
+    """The senior prompts through one engine, all at once; tokens, seconds, parse rate."""
+    from speed.config import ModelSpec
+    from speed.llm import Request, Sampling, load_backend
+    from speed.models import resolve_gguf, resolve_hf
+    from speed.tasks import get_kind
+
+    engine, parallel, outtype = _engine_mode(mode)
+    if engine == "raw":
+        return run_raw_server(parallel, prompts, args)
+    t0 = time.perf_counter()
+    if engine == "hf":
+        spec = ModelSpec(
+            backend="hf", model=str(resolve_hf(MODEL)), threads=args.threads, batch_size=parallel
+        )
+    else:
+        model = str(resolve_gguf(MODEL))
+        if outtype:
+            from speed.llm.gguf import gguf_for
+
+            model = gguf_for(resolve_hf(MODEL), outtype=outtype)
+        spec = ModelSpec(
+            backend="llamacpp_server",
+            model=model,
+            threads=args.threads,
+            n_ctx=args.n_ctx,
+            options={
+                "engine": "python" if engine == "pyserver" else "native",
+                "parallel": parallel,
+                **SAMPLER,
+            },
+        )
+    backend = load_backend(spec)
+    load = time.perf_counter() - t0
+    reqs = [
+        Request.chat(
+            p["prompt"],
+            sampling=Sampling(temperature=1.0, top_p=1.0, max_tokens=args.max_tokens, seed=p["seed"]),
+            schema=get_kind(p["kind"]).json_schema(),
+        )
+        for p in prompts
+    ]
+    try:
+        t0 = time.perf_counter()
+        comps = backend.generate(reqs)
+        seconds = time.perf_counter() - t0
+    finally:
+        backend.close()
+    errors = sum(c.error is not None for c in comps)
+    return {
+        "seconds": seconds,
+        "load": load,
+        "tokens": sum(c.tokens_out for c in comps),
+        "parse": _parse_rate(prompts, [c.text for c in comps]),
+        "cut": sum(r == "length" for c in comps for r in c.finish_reasons),
+        "errors": errors,
+    }
+
+
+def run_raw_server(
+    parallel: int, prompts: list[dict[str, Any]], args: argparse.Namespace
+) -> dict[str, float]:
+    """llama-server started by hand and driven with plain HTTP: the engine without speed's code."""
+    import socket
+    import subprocess
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    from speed import hardware
+    from speed.models import resolve_gguf
+    from speed.tasks import get_kind
+
+    binary = hardware.find_server()
+    if binary is None:
+        raise SystemExit("llama-server is not built: PYTHONPATH=src python -m speed.hardware build-server")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    t = str(args.threads)
+    cmd = [
+        str(binary), "--model", str(resolve_gguf(MODEL)), "--host", "127.0.0.1", "--port", str(port),
+        "--threads", t, "--threads-batch", t, "--ctx-size", str(args.n_ctx * parallel),
+        "--parallel", str(parallel), "--cont-batching", "--no-webui", "--metrics",
+    ]  # fmt: skip
+    # the same environment speed's backend gives the server (sleeping OpenMP threads)
+    env = dict(os.environ, OMP_NUM_THREADS=t, OMP_WAIT_POLICY="PASSIVE")
+    url = f"http://127.0.0.1:{port}"
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        with httpx.Client(timeout=600) as client:
+            while True:
+                try:
+                    if client.get(f"{url}/health").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if proc.poll() is not None:
+                    raise SystemExit(f"llama-server exited with {proc.returncode}")
+                time.sleep(0.1)
+            load = time.perf_counter() - t0
+
+            def ask(p: dict[str, Any]) -> tuple[str, int]:
+                body = {
+                    "messages": [{"role": "user", "content": p["prompt"]}],
+                    "temperature": 1.0,
+                    "top_p": 1.0,
+                    "max_tokens": args.max_tokens,
+                    "seed": p["seed"],
+                    "response_format": {
+                        "type": "json_schema",
+                        "json_schema": {"schema": get_kind(p["kind"]).json_schema()},
+                    },
+                    **SAMPLER,
+                }
+                out = client.post(f"{url}/v1/chat/completions", json=body).json()
+                choice = out["choices"][0]
+                cut = choice.get("finish_reason") == "length"
+                return choice["message"]["content"] or "", out["usage"]["completion_tokens"], cut
+
+            t0 = time.perf_counter()
+            with ThreadPoolExecutor(parallel) as pool:
+                answers = list(pool.map(ask, prompts))
+            seconds = time.perf_counter() - t0
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    return {
+        "seconds": seconds,
+        "load": load,
+        "tokens": sum(n for _, n, _ in answers),
+        "parse": _parse_rate(prompts, [text for text, _, _ in answers]),
+        "cut": sum(cut for _, _, cut in answers),
+        "errors": 0,
+    }
+
+
+def bench_engines(root: Path, up: dict[str, str], args: argparse.Namespace) -> None:
+    """Time each engine of ``--engines`` on the same senior prompts; print medians and ratios."""
+    cfg = config(root, "engines-plan", up, args, "local")
+    prompts = [p for p in plan_prompts(cfg)][: args.prompts]
+    engines = args.engines.split(",")
+    print(
+        f"# engines: {len(prompts)} senior prompts with the kind's JSON schema, max_tokens "
+        f"{args.max_tokens}, {args.threads} thread(s), per-slot context {args.n_ctx}, {args.repeats} repeats"
+    )
+    results: dict[str, list[dict[str, float]]] = {e: [] for e in engines}
+    for rep in range(args.repeats):
+        for mode in engines:
+            res = run_engine(mode, prompts, args)
+            results[mode].append(res)
+            print(
+                f"  {mode:13s} run {rep}: {res['tokens'] / res['seconds']:7.1f} tokens/s, "
+                f"{res['tokens']:.0f} tokens in {res['seconds']:.1f} s (load {res['load']:.1f} s), "
+                f"parse {res['parse']:.0%} ({res['cut']:.0f} cut at max_tokens), errors {res['errors']:.0f}",
+                flush=True,
+            )
+    print(f"# load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    med = {m: statistics.median(r["tokens"] / r["seconds"] for r in runs) for m, runs in results.items()}
+    print(f"{'engine':13s} {'tokens/s':>9s} {'parse':>6s} {'vs raw':>7s}  (medians)")
+    for mode, runs in results.items():
+        engine, parallel, outtype = _engine_mode(mode)
+        raw = f"raw{parallel}"
+        ratio = f"{med[mode] / med[raw]:.2f}x" if engine == "native" and not outtype and raw in med else ""
+        parse = statistics.median(r["parse"] for r in runs)
+        print(f"{mode:13s} {med[mode]:9.1f} {parse:6.0%} {ratio:>7s}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -247,7 +459,15 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=192, help="cap per senior / revisor answer")
     parser.add_argument("--repeats", type=int, default=3, help="runs per mode (the median is printed)")
     parser.add_argument("--workers", type=int, default=2, help="Ray actors (1 CPU, 1 thread each)")
-    parser.add_argument("--modes", default="local,ray,raw", help="comma-separated: local, ray, raw")
+    parser.add_argument("--modes", default="local,ray,raw", help="comma-separated: local, ray, raw, engines")
+    parser.add_argument(
+        "--engines",
+        default="hf,pyserver,native1,native2,native4,native8,raw1,raw2,raw4,raw8,native4-q8_0,native4-f16",
+        help="engines timed by --modes engines (see above)",
+    )
+    parser.add_argument("--prompts", type=int, default=24, help="senior prompts per engine run")
+    parser.add_argument("--threads", type=int, default=2, help="threads of each engine (--modes engines)")
+    parser.add_argument("--n-ctx", type=int, default=2048, help="context per request (--modes engines)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     modes = args.modes.split(",")
@@ -257,14 +477,26 @@ def main() -> None:
         f"# {_cpu()}, {os.cpu_count()} cores, python {platform.python_version()}, "
         f"llama-cpp-python {_ver('llama-cpp-python')}, ray {_ver('ray')}"
     )
-    print(
-        f"# {args.examples} examples (senior + revisor call each), shards of {args.shard_size}, "
-        f"max_tokens {args.max_tokens}, 1 thread per model, {args.repeats} repeats"
-    )
+    if set(modes) - {"engines"}:
+        print(
+            f"# stage modes: {args.examples} examples (senior + revisor call each), shards of "
+            f"{args.shard_size}, max_tokens {args.max_tokens}, 1 thread per model, {args.repeats} repeats"
+        )
     print(f"# load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
     root = Path(tempfile.mkdtemp(prefix="speed-bench-synth-"))
     up = prepare(root)
+    if "engines" in modes:
+        modes.remove("engines")
+        if args.examples < args.prompts:
+            args.examples = args.prompts
+        try:
+            bench_engines(root, up, args)
+        finally:
+            if not modes:
+                shutil.rmtree(root, ignore_errors=True)
+        if not modes:
+            return
     results: dict[str, list[dict[str, float]]] = {m: [] for m in modes}
     ray_start = float("nan")
     try:

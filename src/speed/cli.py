@@ -231,7 +231,15 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from speed.llm.server import serve
 
-    serve(args.model, port=args.port, threads=args.threads, n_ctx=args.n_ctx, file=args.file)
+    serve(
+        args.model,
+        port=args.port,
+        threads=args.threads,
+        n_ctx=args.n_ctx,
+        file=args.file,
+        engine=args.engine,
+        parallel=args.parallel,
+    )
     return 0
 
 
@@ -401,6 +409,15 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--threads", type=int, default=1)
     sv.add_argument("--n-ctx", type=int, default=4096)
     sv.add_argument("--file", help="GGUF file inside a folder")
+    sv.add_argument(
+        "--engine",
+        choices=("auto", "native", "python"),
+        default="auto",
+        help="native: llama.cpp's llama-server (parallel slots); python: llama-cpp-python's; auto: native when built",
+    )
+    sv.add_argument(
+        "--parallel", type=int, default=4, help="slots of the native server (requests decoded together)"
+    )
     sv.set_defaults(func=cmd_serve)
 
     d = sub.add_parser(

@@ -193,6 +193,18 @@ class LlamaCppSamplerOptions(Section):
 class LlamaCppServerOptions(LlamaCppSamplerOptions):
     """Options of the ``llamacpp_server`` backend (:class:`speed.llm.server.LlamaCppServerBackend`)."""
 
+    engine: Literal["auto", "native", "python"] = Field(
+        "auto",
+        description="native: llama.cpp's own llama-server (parallel slots, continuous batching; built by "
+        "`make setup`); python: llama-cpp-python's server (one request at a time); auto: native when built.",
+    )
+    parallel: int = Field(4, gt=0, description="Slots of the native server: requests decoded together.")
+    binary: str | None = Field(None, description="A llama-server binary to use instead of speed's build.")
+    schema_mode: Literal["json_schema", "json_object", "none"] | None = Field(
+        None,
+        description="How a JSON schema is sent; None: the engine's own form (native: json_schema, "
+        "python: json_object); none: free output (the parser still validates).",
+    )
     log_path: str | None = Field(None, description="File the server's log goes to; None: a temporary one.")
     startup_timeout_s: float = Field(180.0, gt=0, description="How long the server may take to load.")
     extra_args: list[str] = Field(
@@ -641,9 +653,10 @@ class SynthesizeConfig(Section):
     language: str = Field("English")
     check_language: bool = Field(True, description="Drop examples in another language than asked.")
     json_schema: bool = Field(
-        False,
-        description="Ask the senior and revisor for the kind's JSON schema (constrained decoding where "
-        "the backend supports it). Off as in the paper: the senior was judged on free output.",
+        True,
+        description="Ask the senior and revisor for the kind's JSON schema: constrained decoding where "
+        "the backend supports it (llama.cpp grammars, vLLM structured outputs, OpenAI json_schema; "
+        "hf ignores it), so the data parses. false: free output, to study it as the paper had it.",
     )
 
     @field_validator("kind_mix")

@@ -82,6 +82,18 @@ def check_cpu() -> list[Check]:
                 roles=("teacher",),
             )
         )
+    server = hardware.find_server((marker or {}).get("extra_cmake_args", ""))
+    checks.append(
+        Check(
+            "llama-server (native engine)",
+            server is not None,
+            f"built for this CPU: {server}"
+            if server
+            else "not built: backend llamacpp_server falls back to llama-cpp-python's one-request server",
+            fix="" if server else "PYTHONPATH=src .venv/bin/python -m speed.hardware build-server",
+            roles=("teacher", "junior", "senior", "revisor"),
+        )
+    )
     return checks
 
 

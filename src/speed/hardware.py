@@ -16,8 +16,18 @@ for less leaves speed on the table. Design choices:
   builds with pip's wheel cache off and keeps the wheel in a folder named after a hash of what the
   compiler resolves ``-march=native`` to on this machine (every ISA flag and cache size) plus the
   CMake arguments and the version: another CPU gets another folder, hence its own build.
+- **llama.cpp's own server from the same sources.** ``build-server`` compiles ``llama-server``
+  (continuous batching over ``--parallel`` slots, JSON-schema grammars, LoRA adapters) from the
+  llama.cpp that llama-cpp-python's source archive vendors, with the same build key, native flags and
+  AMX-off flags as the wheel, so the binary and the Python bindings agree on kernels, GGUF versions
+  and grammar code. Only the ``llama-server`` target is built, statically linked (no shared libraries
+  to find at run time), without curl, OpenSSL or the web UI (no download at build time; the server
+  only ever listens on 127.0.0.1). It is built in a temporary folder and moved to
+  ``<wheel cache>/<build key>/bin/llama-server`` only when the build succeeded, so a killed build
+  leaves nothing that a later run would take as done.
 - This module uses the standard library only: ``make setup`` runs it before anything else is installed
-  (``PYTHONPATH=src python -m speed.hardware build-llama``), and ``speed doctor`` reads the same facts.
+  (``PYTHONPATH=src python -m speed.hardware build-llama``, then ``build-server``), and ``speed doctor``
+  reads the same facts.
 """
 
 from __future__ import annotations
@@ -30,9 +40,11 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -64,6 +76,19 @@ ARM_FEATURES = ("asimd", "asimddp", "i8mm", "sve", "sve2", "bf16")
 NO_AMX_FLAGS = ("-mno-amx-tile", "-mno-amx-int8", "-mno-amx-bf16")
 
 BUILD_MARKER = "speed-llama-build.json"
+
+#: CMake options of the ``llama-server`` build: one static binary, nothing downloaded while building.
+SERVER_CMAKE_ARGS = (
+    "-DCMAKE_BUILD_TYPE=Release",
+    "-DLLAMA_CURL=OFF",
+    "-DLLAMA_OPENSSL=OFF",
+    "-DBUILD_SHARED_LIBS=OFF",
+    "-DLLAMA_BUILD_TESTS=OFF",
+    "-DLLAMA_BUILD_EXAMPLES=OFF",
+    "-DLLAMA_BUILD_SERVER=ON",
+    "-DLLAMA_BUILD_UI=OFF",
+    "-DLLAMA_USE_PREBUILT_UI=OFF",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -321,6 +346,187 @@ def build_llama_wheel(
     return target, True
 
 
+def server_path(extra_cmake: str = "", cpu: CpuInfo | None = None) -> Path:
+    """Where this machine's ``llama-server`` lives (or would): ``<wheel cache>/<build key>/bin/llama-server``."""
+    return wheel_cache() / build_key(cpu, extra_cmake) / "bin" / "llama-server"
+
+
+def find_server(extra_cmake: str = "") -> Path | None:
+    """This machine's ``llama-server`` when it has been built (``$SPEED_LLAMA_SERVER`` overrides), else None."""
+    override = os.environ.get("SPEED_LLAMA_SERVER")
+    path = Path(override).expanduser() if override else server_path(extra_cmake)
+    return path if path.is_file() and os.access(path, os.X_OK) else None
+
+
+def _llama_sources(pip: list[str], source: str | Path | None, work: Path, log=print) -> Path:
+    """The vendored llama.cpp of llama-cpp-python's source archive: given, or fetched with pip.
+
+    ``source`` may be the unpacked archive (holding ``vendor/llama.cpp``) or llama.cpp itself.
+    """
+    if source:
+        root = Path(source).expanduser()
+        for cand in (root / "vendor" / "llama.cpp", root):
+            if (cand / "tools" / "server").is_dir() and (cand / "CMakeLists.txt").is_file():
+                return cand
+        raise SystemExit(
+            f"llama-server: {root} holds no llama.cpp sources (expected vendor/llama.cpp/tools/server); "
+            f"unpack llama-cpp-python-{LLAMA_CPP_VERSION}.tar.gz there, or leave --source out to fetch it"
+        )
+    log(f"llama-server: fetching the llama-cpp-python {LLAMA_CPP_VERSION} source archive with pip")
+    done = subprocess.run(
+        [*pip, "download", "--no-deps", "--no-binary", ":all:", "-d", str(work),
+         f"llama-cpp-python=={LLAMA_CPP_VERSION}"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    archives = sorted(work.glob("llama_cpp_python-*.tar.gz"))
+    if done.returncode != 0 or not archives:
+        raise SystemExit(
+            f"llama-server: pip download of the sources failed:\n{(done.stdout + done.stderr)[-2000:]}"
+        )
+    with tarfile.open(archives[-1]) as tar:
+        tar.extractall(work / "src", filter="data")
+    found = sorted((work / "src").glob("*/vendor/llama.cpp"))
+    if not found:
+        raise SystemExit(f"llama-server: {archives[-1].name} holds no vendor/llama.cpp")
+    return found[0]
+
+
+def converter_dir(version: str = LLAMA_CPP_VERSION) -> Path:
+    """Where llama.cpp's HF-to-GGUF converter of this release is kept (pure Python: one per version)."""
+    return wheel_cache() / f"llama.cpp-{version}-convert"
+
+
+def converter_script() -> Path | None:
+    """llama.cpp's ``convert_hf_to_gguf.py`` (beside its own ``gguf-py``), or None when not installed.
+
+    ``$SPEED_LLAMA_SRC`` (an unpacked llama-cpp-python source archive) is looked in first.
+    """
+    cands = []
+    if os.environ.get("SPEED_LLAMA_SRC"):
+        cands.append(Path(os.environ["SPEED_LLAMA_SRC"]).expanduser() / "vendor" / "llama.cpp")
+    cands.append(converter_dir())
+    for folder in cands:
+        script = folder / "convert_hf_to_gguf.py"
+        if script.is_file() and (folder / "gguf-py" / "gguf").is_dir():
+            return script
+    return None
+
+
+def install_converter(src: Path, log=print) -> Path:
+    """Copy the converter, its ``conversion`` package and its ``gguf-py`` out of the llama.cpp sources.
+
+    The converter and the ``gguf`` package it writes with come from the same sources as the server
+    that reads the files, so the three agree on the GGUF format. Copied to a temporary folder, then
+    renamed into place, so a half copy is never found.
+    """
+    dest = converter_dir()
+    if (dest / "convert_hf_to_gguf.py").is_file():
+        return dest / "convert_hf_to_gguf.py"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".convert-") as tmp:
+        stage = Path(tmp) / "c"
+        stage.mkdir()
+        for name in ("convert_hf_to_gguf.py", "convert_lora_to_gguf.py"):
+            if (src / name).is_file():
+                shutil.copy2(src / name, stage / name)
+        for name in ("conversion", "gguf-py"):
+            if (src / name).is_dir():
+                shutil.copytree(src / name, stage / name, ignore=shutil.ignore_patterns("tests", "examples"))
+        try:
+            os.replace(stage, dest)
+        except OSError:  # another process put it there first
+            if not (dest / "convert_hf_to_gguf.py").is_file():
+                raise
+    log(f"llama.cpp: HF-to-GGUF converter of {LLAMA_CPP_VERSION} in {dest}")
+    return dest / "convert_hf_to_gguf.py"
+
+
+def build_llama_server(
+    pip: list[str],
+    *,
+    source: str | Path | None = None,
+    force: bool = False,
+    extra_cmake: str = "",
+    cmake: str = "cmake",
+    log=print,
+) -> tuple[Path, bool]:
+    """Build (or find) this machine's ``llama-server`` from llama-cpp-python's vendored llama.cpp.
+
+    Args:
+        pip: the pip command that fetches the source archive when ``source`` is not given.
+        source: an unpacked llama-cpp-python source archive (or its ``vendor/llama.cpp``).
+        force: rebuild even when a binary for this CPU exists.
+        extra_cmake: extra CMake arguments (the same as the wheel's: they enter the build key).
+        cmake: the cmake program.
+        log: where progress lines go.
+
+    Returns:
+        The binary's path and whether it was built now. Everything is built under a temporary folder
+        and the binary moved into the cache (an atomic rename) only after the build succeeded.
+
+    Raises:
+        SystemExit: the sources could not be had or the build failed (with the end of its log).
+    """
+    cpu = cpu_info()
+    key = build_key(cpu, extra_cmake)
+    target = wheel_cache() / key / "bin" / "llama-server"
+    if target.is_file() and os.access(target, os.X_OK) and not force:
+        log(f"llama-server: reusing {target} (built for this CPU: {key})")
+        if converter_script() is None:
+            with tempfile.TemporaryDirectory(prefix="speed-llama-src-") as tmp:
+                install_converter(_llama_sources(pip, source, Path(tmp), log), log)
+        return target, False
+    target.parent.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    flags = " ".join(native_flags(cpu)[1:])  # -march/-mcpu=native comes from GGML_NATIVE itself
+    if flags:
+        env["CFLAGS"] = f"{env.get('CFLAGS', '')} {flags}".strip()
+        env["CXXFLAGS"] = f"{env.get('CXXFLAGS', '')} {flags}".strip()
+    jobs = env.get("CMAKE_BUILD_PARALLEL_LEVEL") or str(os.cpu_count() or 1)
+    cmake_args = [*SERVER_CMAKE_ARGS, *shlex.split(llama_cmake_args(cpu, extra_cmake))]
+    log_path = target.parent / "server-build.log"
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as tmp:
+        work = Path(tmp)
+        src = _llama_sources(pip, source, work, log)
+        install_converter(src, log)
+        log(
+            f"llama-server: building from {src} for this CPU ({cpu.model}, {cpu.level()}; "
+            f"{' '.join(cmake_args)} CFLAGS={env.get('CFLAGS', '')}); several minutes on 2 cores"
+        )
+        with open(log_path, "w") as out:
+            for step in (
+                [cmake, "-S", str(src), "-B", str(work / "build"), *cmake_args],
+                [cmake, "--build", str(work / "build"), "--config", "Release", "--target", "llama-server",
+                 "-j", jobs],
+            ):  # fmt: skip
+                out.write(f"$ {shlex.join(step)}\n")
+                out.flush()
+                done = subprocess.run(step, env=env, stdout=out, stderr=subprocess.STDOUT, check=False)
+                if done.returncode != 0:
+                    tail = log_path.read_text(errors="replace")[-3000:]
+                    raise SystemExit(f"llama-server: the build failed (log: {log_path}); its end:\n{tail}")
+        built = work / "build" / "bin" / "llama-server"
+        if not built.is_file():
+            raise SystemExit(f"llama-server: the build made no bin/llama-server (log: {log_path})")
+        # copy inside the target's folder, then rename: the cache holds a whole binary or none
+        staged = target.parent / f".llama-server-{os.getpid()}"
+        shutil.copy2(built, staged)
+        os.replace(staged, target)
+    info = {
+        "key": key,
+        "version": LLAMA_CPP_VERSION,
+        "cpu": cpu.model,
+        "cmake_args": cmake_args,
+        "cflags": env.get("CFLAGS", ""),
+        "jobs": jobs,
+        "build_seconds": round(time.monotonic() - started),
+    }
+    (target.parent / "server-build.json").write_text(json.dumps(info, indent=2) + "\n")
+    log(f"llama-server: built {target} in {info['build_seconds']} s")
+    return target, True
+
+
 def install_llama(python: str, *, force: bool = False, extra_cmake: str = "", log=print) -> Path:
     """Build or find this machine's wheel and install it into the environment of ``python``.
 
@@ -428,8 +634,20 @@ def main(argv: list[str] | None = None) -> int:
         default=os.environ.get("SPEED_LLAMA_CMAKE_ARGS", ""),
         help="extra CMake arguments, e.g. -DGGML_CUDA=ON (default: $SPEED_LLAMA_CMAKE_ARGS)",
     )
+    s = sub.add_parser("build-server", help="build (or reuse) llama.cpp's llama-server for this CPU")
+    s.add_argument("--python", default=sys.executable, help="the python whose pip fetches the sources")
+    s.add_argument("--source", default=os.environ.get("SPEED_LLAMA_SRC") or None,
+                   help="an unpacked llama-cpp-python source archive (default: $SPEED_LLAMA_SRC, else pip download)")  # fmt: skip
+    s.add_argument("--force", action="store_true", help="rebuild even when a binary for this CPU exists")
+    s.add_argument("--cmake-args", default=os.environ.get("SPEED_LLAMA_CMAKE_ARGS", ""),
+                   help="extra CMake arguments (default: $SPEED_LLAMA_CMAKE_ARGS)")  # fmt: skip
     sub.add_parser("key", help="print this machine's build key and native target")
     args = parser.parse_args(argv)
+    if args.command == "build-server":
+        build_llama_server(
+            [args.python, "-m", "pip"], source=args.source, force=args.force, extra_cmake=args.cmake_args
+        )
+        return 0
     if args.command == "key":
         cpu = cpu_info()
         print(build_key(cpu))

@@ -181,7 +181,7 @@ def test_backend_reports_a_dead_server_with_its_log(smollm2_gguf: Path, tmp_path
     backend.server.kill()
     with pytest.raises(BackendError) as info:
         backend.generate([Request.chat("Hi again", sampling=Sampling(max_tokens=4))])
-    assert backend.base_url in str(info.value) and "has exited" in str(info.value)
+    assert backend.base_url in str(info.value) and "has ended" in str(info.value)
     backend.close()
     assert not _alive(pid)
 

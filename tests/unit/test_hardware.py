@@ -142,3 +142,74 @@ def test_cpu_info_reads_this_machine() -> None:
 )
 def test_cpu_level_is_the_widest_vector_unit(arch: str, flags: set[str], level: str) -> None:
     assert hardware.CpuInfo(arch, "model", frozenset(flags)).level() == level
+
+
+def _fake_sources(root: Path) -> Path:
+    """An unpacked llama-cpp-python archive as far as build-server looks: server sources, converter."""
+    src = root / "llama_cpp_python" / "vendor" / "llama.cpp"
+    (src / "tools" / "server").mkdir(parents=True)
+    (src / "CMakeLists.txt").write_text("project(llama.cpp)\n")
+    (src / "convert_hf_to_gguf.py").write_text("# the converter\n")
+    (src / "gguf-py" / "gguf").mkdir(parents=True)
+    (src / "conversion").mkdir()
+    return root / "llama_cpp_python"
+
+
+def test_build_server_moves_the_binary_in_only_after_a_good_build_and_then_reuses_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SPEED_WHEEL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("SPEED_LLAMA_SERVER", raising=False)
+    monkeypatch.delenv("SPEED_LLAMA_SRC", raising=False)
+    source = _fake_sources(tmp_path)
+    calls = tmp_path / "calls.txt"
+    # a cmake that configures, then dies half-way through the build, as a killed or broken build does
+    half = _script(
+        tmp_path / "cmake-half",
+        f'echo "$@ CFLAGS=$CFLAGS" >> {calls}\n'
+        'if [ "$1" = "--build" ]; then mkdir -p "$2/bin"; echo half > "$2/bin/llama-server"; exit 2; fi',
+    )
+    with pytest.raises(SystemExit, match="the build failed"):
+        hardware.build_llama_server([], source=source, cmake=half, log=lambda *_: None)
+    target = hardware.server_path()
+    assert target.parent.parent.name == hardware.build_key(), "one folder per CPU build key"
+    assert not target.exists(), "a failed build leaves no binary to be taken as done"
+    assert not list(target.parent.glob(".build-*")), "the build's temporary folder is removed"
+    assert hardware.find_server() is None
+    configure = calls.read_text().splitlines()[0]
+    for flag in (
+        "-DLLAMA_CURL=OFF",
+        "-DBUILD_SHARED_LIBS=OFF",
+        "-DLLAMA_BUILD_TESTS=OFF",
+        "-DGGML_NATIVE=ON",
+    ):
+        assert flag in configure
+    if hardware.cpu_info().is_x86 and hardware._compiler_accepts(list(hardware.NO_AMX_FLAGS)):
+        assert "-mno-amx-int8" in configure and "-DGGML_AMX_INT8=OFF" in configure
+
+    good = _script(
+        tmp_path / "cmake-good",
+        f'echo "$@" >> {calls}\n'
+        'if [ "$1" = "--build" ]; then mkdir -p "$2/bin"; printf "#!/bin/sh\\necho built\\n" > "$2/bin/llama-server";'
+        ' chmod +x "$2/bin/llama-server"; fi',
+    )
+    path, built = hardware.build_llama_server([], source=source, cmake=good, log=lambda *_: None)
+    assert (path, built) == (target, True)
+    assert "--target llama-server" in calls.read_text().splitlines()[-1], "only the server is built"
+    assert hardware.find_server() == target
+    assert hardware.converter_script() == hardware.converter_dir() / "convert_hf_to_gguf.py"
+    # present: reused without running cmake (the failing one would raise)
+    path, built = hardware.build_llama_server([], source=source, cmake=half, log=lambda *_: None)
+    assert (path, built) == (target, False)
+    # --force rebuilds, and a failed rebuild keeps the good binary
+    with pytest.raises(SystemExit, match="the build failed"):
+        hardware.build_llama_server([], source=source, cmake=half, force=True, log=lambda *_: None)
+    assert "echo built" in target.read_text()
+
+
+def test_build_server_refuses_a_folder_without_llama_cpp_sources(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SPEED_WHEEL_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(SystemExit, match=r"holds no llama\.cpp sources"):
+        hardware.build_llama_server([], source=tmp_path, cmake="false", log=lambda *_: None)

@@ -183,10 +183,14 @@ class LlamaCppBackend(Backend):
     def from_spec(
         cls, spec: LlamaCppSpec, *, threads: int | None = None, model_path: str | None = None
     ) -> LlamaCppBackend:
-        """Load the spec's model (or ``model_path``)."""
+        """Load the spec's model (or ``model_path``: trained weights, converted to GGUF once if merged)."""
         model = model_path or spec.model
         if not model:
             raise ValueError("model spec field 'model' is empty: backend 'llamacpp' needs a GGUF model")
+        if model_path:
+            from speed.llm.gguf import gguf_for
+
+            model = gguf_for(model_path)
         return cls(
             model,
             file=spec.file,

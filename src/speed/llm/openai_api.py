@@ -126,6 +126,8 @@ class OpenAIBackend(Backend):
         strict_schema: OpenAI's ``strict`` flag (the schema must then set additionalProperties false).
         extra_body: fields added to every request body (``top_k`` for vLLM, ...).
         model_id: label of the model in the ledger; defaults to ``model``.
+        max_n: the most samples one HTTP request asks for (llama-server refuses ``n`` above its slot
+            count); more are asked in further requests with ``seed + i``. None: no limit.
 
     Example:
         >>> backend = OpenAIBackend("gpt-4o", api_key=os.environ["OPENAI_API_KEY"])  # doctest: +SKIP
@@ -150,6 +152,7 @@ class OpenAIBackend(Backend):
         strict_schema: bool = False,
         extra_body: dict[str, Any] | None = None,
         model_id: str | None = None,
+        max_n: int | None = None,
     ):
         if schema_mode not in ("json_schema", "json_object", "none"):
             raise ValueError(
@@ -168,6 +171,7 @@ class OpenAIBackend(Backend):
         self.schema_mode: SchemaMode = schema_mode
         self.strict_schema = strict_schema
         self.extra_body = dict(extra_body or {})
+        self.max_n = max_n
         self._limiter = _RateLimiter(requests_per_minute)
         # jitter up to the first backoff spreads retries of concurrent requests apart
         self._backoff = tenacity.wait_exponential_jitter(
@@ -350,6 +354,8 @@ class OpenAIBackend(Backend):
         while len(comp.texts) < n:
             missing = n - len(comp.texts)
             ask = missing if self._n_supported is not False else 1
+            if self.max_n:
+                ask = min(ask, self.max_n)
             call_seed = None if seed is None else seed + len(comp.texts)
             sent_mode = self.schema_mode
             data, tries = self._post(self._body(req, ask, call_seed), abort)

@@ -1,10 +1,22 @@
 """A local llama.cpp server that speed starts, talks to over HTTP, and stops.
 
-``backend: llamacpp_server`` runs the model in its own process (``llama_cpp.server``, the ``[server]``
-extra of llama-cpp-python) on 127.0.0.1 and sends requests to it with the OpenAI-compatible client
-(:mod:`speed.llm.openai_api`), so the teacher of the quickstart is called exactly as an API teacher
-would be: same retries, same ledger, same cost report. ``speed serve MODEL`` (:func:`serve`) starts
-the same server in the foreground for other programs.
+``backend: llamacpp_server`` runs the model in its own process on 127.0.0.1 and sends requests to it
+with the OpenAI-compatible client (:mod:`speed.llm.openai_api`), so the teacher of the quickstart and
+the trained generators are called exactly as an API teacher would be: same retries, same ledger,
+same cost report. ``speed serve MODEL`` (:func:`serve`) starts the same server in the foreground for
+other programs.
+
+Two engines serve (option ``engine``):
+- ``native``: llama.cpp's own ``llama-server``, built for this CPU from the llama.cpp sources that
+  llama-cpp-python vendors (``python -m speed.hardware build-server``, run by ``make setup``). It
+  decodes ``parallel`` requests together (continuous batching over ``--parallel`` slots), which is
+  what makes a 135M model worth serving on two cores: one stream leaves the cores waiting on memory.
+  Each slot gets ``n_ctx`` tokens (llama-server divides ``-c`` by the slot count, so it is given
+  ``n_ctx * parallel``), and the client keeps ``parallel`` requests in flight unless the spec sets
+  ``concurrency``.
+- ``python``: llama-cpp-python's server (``llama_cpp.server``, the ``[server]`` extra), one request at
+  a time. ``auto`` (the default) takes ``native`` when the binary exists and says in the log why it
+  falls back to ``python`` otherwise.
 
 Design choices:
 - A free port is taken from the OS (bind to port 0); if another process grabs it before the server
@@ -20,10 +32,15 @@ Design choices:
   threads made 2 threads 10-20x slower than 1 on a busy 2-core machine.
 - llama-cpp-python's server runs one request at a time and ignores ``n`` (the client then asks once
   per sample); a concurrency of 2 keeps one request queued so the model never waits on HTTP.
-- Sampling follows the request only, as an OpenAI API would: the server's own extras (top-k 40,
-  min-p 0.05, repeat penalty 1.1) are turned off unless ``options`` sets them.
-- The schema goes in ``{"type": "json_object", "schema": ...}``, the form that server understands;
-  it turns the schema into a grammar, so the output follows it.
+- Sampling follows the request only, as an OpenAI API would: both servers' own extras (top-k 40,
+  min-p 0.05, and llama-cpp-python's repeat penalty 1.1) are turned off unless ``options`` sets them.
+  The request's ``seed`` is passed on: the same request alone on the server gives the same text.
+- The schema becomes a grammar in both engines, so the output follows it. It is sent in the form
+  each engine documents: ``{"type": "json_schema", "json_schema": {"schema": ...}}`` to llama-server
+  (tools/server/README.md), ``{"type": "json_object", "schema": ...}`` to llama-cpp-python's server.
+  ``options.schema_mode: none`` drops it, to study free output.
+- Trained weights (a merged transformers folder, as the stages pass them) are converted to GGUF once
+  and cached beside the folder (:func:`speed.llm.gguf.gguf_for`).
 """
 
 from __future__ import annotations
@@ -47,7 +64,7 @@ import httpx
 
 from speed import hardware
 from speed.llm.base import Backend, BackendError, Completion, OnReady, Request, gather
-from speed.llm.openai_api import OpenAIBackend
+from speed.llm.openai_api import OpenAIBackend, SchemaMode
 from speed.llm.registry import require_installed
 from speed.models import cache_dir, resolve_gguf
 
@@ -95,7 +112,12 @@ class LlamaCppServer:
         log_path: file for the server's output; None: ``$SPEED_CACHE/logs/llama-server-<alias>-<pid>.log``.
         startup_timeout_s: how long to wait for the first answer.
         lora_path: a GGUF LoRA adapter to apply.
-        extra_args: more ``llama_cpp.server`` arguments (``["--n_batch", "256"]``).
+        extra_args: more server arguments (``["--n_batch", "256"]`` for the python engine,
+            ``["-b", "512"]`` for the native one).
+        engine: ``native`` (llama.cpp's ``llama-server`` binary) or ``python`` (llama-cpp-python's).
+        parallel: slots of the native server (requests decoded together); the python engine has one.
+        binary: the ``llama-server`` binary (native engine); None: this machine's build
+            (:func:`speed.hardware.find_server`).
 
     Example:
         >>> with LlamaCppServer(resolve_gguf("smollm2-135m-instruct")) as server:  # doctest: +SKIP
@@ -115,7 +137,12 @@ class LlamaCppServer:
         startup_timeout_s: float = 180.0,
         lora_path: str | None = None,
         extra_args: Sequence[str] = (),
+        engine: str = "python",
+        parallel: int = 1,
+        binary: str | os.PathLike[str] | None = None,
     ):
+        if engine not in ("native", "python"):
+            raise ValueError(f"engine '{engine}' is not one of native, python (option 'engine')")
         self.gguf = Path(gguf)
         if not self.gguf.is_file():
             raise BackendError(f"GGUF file {self.gguf} does not exist")
@@ -134,6 +161,18 @@ class LlamaCppServer:
         self.startup_timeout_s = startup_timeout_s
         self.lora_path = lora_path
         self.extra_args = list(extra_args)
+        self.engine = engine
+        self.parallel = max(1, parallel) if engine == "native" else 1
+        self.binary: Path | None = None
+        if engine == "native":
+            found = Path(binary) if binary else hardware.find_server()
+            if found is None or not found.is_file():
+                raise BackendError(
+                    f"the native llama.cpp server is not built for this CPU (looked for "
+                    f"{binary or hardware.server_path()}); build it with: PYTHONPATH=src python -m "
+                    "speed.hardware build-server (make setup does), or set option engine: python"
+                )
+            self.binary = found
         self.process: subprocess.Popen[bytes] | None = None
         self._log_file: Any = None
 
@@ -146,6 +185,33 @@ class LlamaCppServer:
         return f"http://{host}:{self.port}/v1"
 
     def _command(self) -> list[str]:
+        watchdog = [sys.executable, "-m", "speed.llm._server_child", "--parent-pid", str(os.getpid())]
+        if self.engine == "native":
+            return [*watchdog, "--exec", "--", *self._native_args()]
+        return [*watchdog, "--", *self._python_args()]
+
+    def _native_args(self) -> list[str]:
+        assert self.binary is not None
+        args = [
+            str(self.binary),
+            "--model", str(self.gguf),
+            "--alias", self.alias,
+            "--host", self.host,
+            "--port", str(self.port),
+            "--threads", str(self.threads),
+            "--threads-batch", str(self.threads),
+            # llama-server splits -c over its slots; each request gets n_ctx
+            "--ctx-size", str(self.n_ctx * self.parallel),
+            "--parallel", str(self.parallel),
+            "--cont-batching",
+            "--no-webui",
+            "--metrics",  # /metrics: busy slots per decode, tokens, for tests and benchmarks
+        ]  # fmt: skip
+        if self.lora_path:
+            args += ["--lora", self.lora_path]
+        return args + self.extra_args
+
+    def _python_args(self) -> list[str]:
         args = [
             "--model", str(self.gguf),
             "--model_alias", self.alias,
@@ -158,16 +224,7 @@ class LlamaCppServer:
         ]  # fmt: skip
         if self.lora_path:
             args += ["--lora_path", self.lora_path]
-        args += self.extra_args
-        return [
-            sys.executable,
-            "-m",
-            "speed.llm._server_child",
-            "--parent-pid",
-            str(os.getpid()),
-            "--",
-            *args,
-        ]
+        return args + self.extra_args
 
     def start(self) -> LlamaCppServer:
         """Start the process and wait until it answers.
@@ -175,11 +232,12 @@ class LlamaCppServer:
         Raises:
             BackendError: the server exited or did not answer in time (with the tail of its log).
         """
-        require_installed(
-            ("llama_cpp", "uvicorn", "fastapi", "sse_starlette"),
-            extra="llamacpp",
-            what="the llamacpp_server backend",
-        )
+        if self.engine == "python":
+            require_installed(
+                ("llama_cpp", "uvicorn", "fastapi", "sse_starlette"),
+                extra="llamacpp",
+                what="the llamacpp_server backend",
+            )
         if self.is_running():
             return self
         _register_atexit()
@@ -204,8 +262,8 @@ class LlamaCppServer:
         # sleep, not spin, at llama.cpp's barriers: spinning threads crawl when the cores are shared
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         logger.info(
-            "starting llama.cpp server for %s on %s:%s (%d thread(s)); log: %s",
-            self.gguf.name, self.host, self.port, self.threads, self.log_path,
+            "starting llama.cpp server (%s engine, %d slot(s)) for %s on %s:%s (%d thread(s)); log: %s",
+            self.engine, self.parallel, self.gguf.name, self.host, self.port, self.threads, self.log_path,
         )  # fmt: skip
         self.process = subprocess.Popen(
             self._command(),
@@ -308,6 +366,10 @@ class LlamaCppServer:
 
 
 _OPTIONS: dict[str, Any] = {
+    "engine": "auto",
+    "parallel": 4,
+    "binary": None,
+    "schema_mode": None,
     "log_path": None,
     "startup_timeout_s": 180.0,
     "extra_args": [],
@@ -328,13 +390,17 @@ class LlamaCppServerBackend(Backend):
         threads: CPU threads of the server.
         n_ctx: context length.
         adapter: a GGUF LoRA adapter.
-        concurrency: requests in flight (the server runs one at a time; 2 keeps it busy).
-        timeout_s: timeout of one request (a queued request waits for the one before it).
+        concurrency: requests in flight; None: the native server's slot count (``parallel``), 2 for
+            the python engine (it runs one at a time; 2 keeps it busy).
+        timeout_s: timeout of one request (a queued request waits for the ones before it).
         max_retries: retries per request on errors and dropped connections.
         model_id: label of the model in the ledger; defaults to ``model``.
-        **options: ``log_path``, ``startup_timeout_s``, ``extra_args``, ``retry_initial_s``,
-            ``retry_max_s``, and the sampler extras ``top_k`` (0: off), ``min_p`` (0: off),
-            ``repeat_penalty`` (1: off), sent with every request.
+        **options: ``engine`` (``auto``: native when built, else python; ``native``; ``python``),
+            ``parallel`` (slots of the native server, default 4), ``binary`` (a ``llama-server``
+            to use instead of this machine's build), ``schema_mode`` (None: the engine's form;
+            ``none``: no schema, free output), ``log_path``, ``startup_timeout_s``, ``extra_args``,
+            ``retry_initial_s``, ``retry_max_s``, and the sampler extras ``top_k`` (0: off),
+            ``min_p`` (0: off), ``repeat_penalty`` (1: off), sent with every request.
     """
 
     name = "llamacpp_server"
@@ -347,7 +413,7 @@ class LlamaCppServerBackend(Backend):
         threads: int = 1,
         n_ctx: int = 4096,
         adapter: str | None = None,
-        concurrency: int = 2,
+        concurrency: int | None = None,
         timeout_s: float = 300.0,
         max_retries: int = 6,
         model_id: str | None = None,
@@ -362,6 +428,15 @@ class LlamaCppServerBackend(Backend):
             )
         gguf = resolve_gguf(model, file=file)
         self.model_id = model_id or model
+        engine = choose_engine(opts["engine"], opts["binary"])
+        parallel = int(opts["parallel"]) if engine == "native" else 1
+        if concurrency is None:
+            concurrency = parallel if engine == "native" else 2
+        elif engine == "python":
+            concurrency = min(concurrency, 2)  # more only queues in front of a one-request server
+        schema_mode: SchemaMode = opts["schema_mode"] or (
+            "json_schema" if engine == "native" else "json_object"
+        )
         self.server = LlamaCppServer(
             gguf,
             threads=threads,
@@ -371,19 +446,23 @@ class LlamaCppServerBackend(Backend):
             startup_timeout_s=opts["startup_timeout_s"],
             lora_path=adapter,
             extra_args=opts["extra_args"],
+            engine=engine,
+            parallel=parallel,
+            binary=opts["binary"],
         ).start()
         try:
             self.client = OpenAIBackend(
                 self.server.alias,
                 base_url=self.server.base_url,
-                concurrency=min(concurrency, 2),
+                concurrency=concurrency,
                 timeout_s=timeout_s,
                 max_retries=max_retries,
                 retry_initial_s=opts["retry_initial_s"],
                 retry_max_s=opts["retry_max_s"],
-                schema_mode="json_object",
+                schema_mode=schema_mode,
                 extra_body={k: opts[k] for k in ("top_k", "min_p", "repeat_penalty")},
                 model_id=self.model_id,
+                max_n=parallel if engine == "native" else None,
             )
         except BaseException:
             self.server.stop()
@@ -393,8 +472,16 @@ class LlamaCppServerBackend(Backend):
     def from_spec(
         cls, spec: LlamaCppServerSpec, *, threads: int | None = None, model_path: str | None = None
     ) -> LlamaCppServerBackend:
-        """Start a server for the spec's model (or ``model_path``)."""
+        """Start a server for the spec's model (or ``model_path``: trained weights of the run).
+
+        A merged transformers folder is converted to GGUF first, once (:func:`speed.llm.gguf.gguf_for`).
+        The client keeps the server's slot count in flight unless the spec sets ``concurrency``.
+        """
         model = model_path or spec.model
+        if model_path:
+            from speed.llm.gguf import gguf_for
+
+            model = str(gguf_for(model_path))
         if not model:
             raise ValueError(
                 "model spec field 'model' is empty: backend 'llamacpp_server' needs a GGUF model"
@@ -405,7 +492,7 @@ class LlamaCppServerBackend(Backend):
             threads=threads or spec.threads or 1,
             n_ctx=spec.n_ctx,
             adapter=spec.adapter,
-            concurrency=spec.concurrency,
+            concurrency=spec.concurrency if "concurrency" in spec.model_fields_set else None,
             timeout_s=spec.timeout_s,
             max_retries=spec.max_retries,
             **spec.options.model_dump(),
@@ -438,6 +525,29 @@ class LlamaCppServerBackend(Backend):
         self.server.stop()
 
 
+def choose_engine(engine: str, binary: str | None = None) -> str:
+    """The engine to run: ``native`` or ``python``; ``auto`` takes native when its binary exists.
+
+    Raises:
+        ValueError: an unknown engine name (option ``engine``).
+    """
+    if engine not in ("auto", "native", "python"):
+        raise ValueError(
+            f"option 'engine' of backend 'llamacpp_server' is '{engine}'; use auto, native or python"
+        )
+    if engine != "auto":
+        return engine
+    if binary or hardware.find_server() is not None:
+        return "native"
+    logger.warning(
+        "llamacpp_server: llama.cpp's own server is not built for this CPU (%s), so llama-cpp-python's "
+        "server answers one request at a time; build it with `PYTHONPATH=src python -m speed.hardware "
+        "build-server` (make setup does) for parallel slots",
+        hardware.server_path(),
+    )
+    return "python"
+
+
 def serve(
     model: str,
     port: int | None = None,
@@ -448,6 +558,8 @@ def serve(
     file: str | None = None,
     log_path: str | os.PathLike[str] | None = None,
     ready: threading.Event | None = None,
+    engine: str = "auto",
+    parallel: int = 4,
 ) -> None:
     """Serve a model with llama.cpp's OpenAI-compatible server until Ctrl-C (``speed serve MODEL``).
 
@@ -460,6 +572,8 @@ def serve(
         file: which GGUF of a folder.
         log_path: the server's log file (default under ``$SPEED_CACHE/logs``).
         ready: set once the server answers (for callers that run this in a thread).
+        engine: ``auto`` (native when built), ``native`` or ``python``.
+        parallel: slots of the native server.
 
     Raises:
         BackendError: the server failed to start or exited on its own.
@@ -472,6 +586,8 @@ def serve(
         port=port,
         alias=model if os.sep not in model else Path(model).name,
         log_path=log_path,
+        engine=choose_engine(engine),
+        parallel=parallel,
     )
     # Ctrl-C may come while the server is still starting (a client can reach it before the
     # readiness check returns): the with block stops it either way

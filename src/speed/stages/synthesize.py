@@ -41,8 +41,11 @@ Design choices:
   otherwise the senior's parsed example is kept (``revised`` false, counted in
   ``stats["revisions"]["unparsed"]``), so a weak revisor never costs an example.
 - Requests carry a per-prompt seed (``ctx.seed_for``) that includes the senior's (revisor's) stage
-  key, so a retrained model is asked anew rather than replayed; no JSON schema is imposed unless
-  ``synthesize.json_schema`` is set, as the senior was judged and trained on free output.
+  key, so a retrained model is asked anew rather than replayed. The kind's JSON schema goes with
+  each request (``synthesize.json_schema``, on by default): engines that constrain decoding to it
+  (llama.cpp, vLLM) then write data that parses, where a 135M senior's free output parsed 34% of
+  the time. Parsing, repair and filters still run and count every drop; ``json_schema: false``
+  gives free output, to study it.
 """
 
 from __future__ import annotations
