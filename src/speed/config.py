@@ -8,7 +8,6 @@ a default. Defaults are the paper's values (SPEED, arXiv 2410.18634; E5, arXiv 2
 
 from __future__ import annotations
 
-import difflib
 import functools
 import importlib
 import operator
@@ -29,6 +28,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+from speed.suggest import did_you_mean
 
 
 class ConfigError(ValueError):
@@ -762,9 +763,7 @@ class SpeedConfig(Section):
 
 
 def _unknown(where: str, key: str, valid: list[str], note: str = "") -> str:
-    # a local did-you-mean (difflib), as the rest of this module has
-    near = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    hint = f" Did you mean '{near[0]}'?" if near else ""
+    hint = did_you_mean(key, valid, cutoff=0.5)
     return f"unknown config key '{where}'{note} ('{key}' is not one of: {', '.join(valid)}).{hint}"
 
 
@@ -802,8 +801,7 @@ def _spec_error(loc: list[str], e: Any) -> str | None:
         got = e["input"].get("backend") if isinstance(e["input"], dict) else None
         if got is None:
             return f"config key '{role}.backend' is missing; name one of: {', '.join(known)}."
-        near = difflib.get_close_matches(str(got), known, n=1, cutoff=0.5)
-        hint = f" Did you mean '{near[0]}'?" if near else ""
+        hint = did_you_mean(str(got), known, cutoff=0.5)
         return (
             f"config key '{role}.backend': unknown backend '{got}' (known: {', '.join(known)}).{hint} "
             "A plugin's backend is known once a module in pipeline.plugins registers it."

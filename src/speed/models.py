@@ -28,7 +28,6 @@ Design choices:
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import importlib
 import importlib.metadata
@@ -260,14 +259,14 @@ def _package_dir(module: str) -> Path | None:
 
 @contextlib.contextmanager
 def _locked(path: Path) -> Iterator[None]:
-    """An exclusive inter-process lock held on ``path`` (created if missing)."""
+    """An exclusive inter-process lock held on ``path`` (created if missing); ``filelock`` works
+    where POSIX ``fcntl`` does not (Windows) and falls back to a lock file on filesystems without
+    OS locks."""
+    from filelock import FileLock
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    with FileLock(str(path)):
+        yield
 
 
 def _join(model: PackagedModel, parts: list[Path], target: Path) -> None:

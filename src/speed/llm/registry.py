@@ -15,7 +15,6 @@ Design choices:
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import importlib.util
 import logging
@@ -24,6 +23,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from speed.config import ModelSpec, register_spec, spec_classes
+from speed.suggest import did_you_mean
 
 if TYPE_CHECKING:
     from speed.llm.base import Backend
@@ -149,8 +149,7 @@ def load_backend(
     entry = _REGISTRY.get(spec.backend)
     if entry is None:
         # a config cannot get here (the union of specs refuses the name); a spec built in code can
-        near = difflib.get_close_matches(spec.backend, list(_REGISTRY), n=1)
-        hint = f" Did you mean '{near[0]}'?" if near else ""
+        hint = did_you_mean(spec.backend, list(_REGISTRY))
         raise ValueError(
             f"unknown backend '{spec.backend}' (model spec field 'backend'); known: "
             f"{', '.join(backend_names())}.{hint}"
