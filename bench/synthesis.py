@@ -283,7 +283,7 @@ def _engine_mode(mode: str) -> tuple[str, int, str | None]:
 
 def run_engine(mode: str, prompts: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, float]:
     """The senior prompts through one engine, all at once; tokens, seconds, parse rate."""
-    from speed.config import ModelSpec
+    from speed.config import HFSpec, LlamaCppServerSpec, ModelSpec
     from speed.llm import Request, Sampling, load_backend
     from speed.models import resolve_gguf, resolve_hf
     from speed.tasks import get_kind
@@ -293,7 +293,7 @@ def run_engine(mode: str, prompts: list[dict[str, Any]], args: argparse.Namespac
         return run_raw_server(parallel, prompts, args)
     t0 = time.perf_counter()
     if engine == "hf":
-        spec = ModelSpec(
+        spec: ModelSpec = HFSpec(
             backend="hf", model=str(resolve_hf(MODEL)), threads=args.threads, batch_size=parallel
         )
     else:
@@ -302,7 +302,7 @@ def run_engine(mode: str, prompts: list[dict[str, Any]], args: argparse.Namespac
             from speed.llm.gguf import gguf_for
 
             model = gguf_for(resolve_hf(MODEL), outtype=outtype)
-        spec = ModelSpec(
+        spec = LlamaCppServerSpec(
             backend="llamacpp_server",
             model=model,
             threads=args.threads,

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from speed import hardware
-from speed.config import ModelSpec
+from speed.config import LlamaCppServerSpec
 from speed.llm import Request, Sampling, load_backend
 from speed.llm.gguf import cached_gguf_path, gguf_for, is_hf_folder
 
@@ -79,7 +79,7 @@ def test_a_merged_folder_converts_to_a_gguf_that_llama_cpp_loads(merged_dir: Pat
 
 
 def test_a_server_role_given_trained_weights_serves_their_gguf(merged_dir: Path, tmp_path: Path) -> None:
-    spec = ModelSpec(
+    spec = LlamaCppServerSpec(
         backend="llamacpp_server",
         threads=1,
         n_ctx=512,

@@ -19,8 +19,9 @@ from typing import Any
 import httpx
 import pytest
 
+from procs import alive as _alive
 from speed import hardware
-from speed.config import ModelSpec
+from speed.config import LlamaCppServerSpec
 from speed.llm import Request, Sampling, load_backend
 from speed.llm.server import LlamaCppServerBackend
 
@@ -42,7 +43,7 @@ SCHEMA: dict[str, Any] = {
 
 
 @pytest.fixture(scope="module")
-def native_spec(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> ModelSpec:
+def native_spec(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> LlamaCppServerSpec:
     if hardware.find_server() is None:
         if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
             pytest.fail("CI runs make setup, yet llama-server is not built")
@@ -50,7 +51,7 @@ def native_spec(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) ->
             "llama-server is not built for this CPU: PYTHONPATH=src python -m speed.hardware build-server"
         )
     log = tmp_path_factory.mktemp("native") / "server.log"
-    return ModelSpec(
+    return LlamaCppServerSpec(
         backend="llamacpp_server",
         model=str(smollm2_gguf),
         threads=1,
@@ -68,7 +69,7 @@ def _metric(base_url: str, name: str) -> float:
     return float(match.group(1))
 
 
-def test_four_schema_requests_on_two_slots_validate_and_overlap(native_spec: ModelSpec) -> None:
+def test_four_schema_requests_on_two_slots_validate_and_overlap(native_spec: LlamaCppServerSpec) -> None:
     backend = load_backend(native_spec)
     assert isinstance(backend, LlamaCppServerBackend)
     try:
@@ -119,7 +120,7 @@ time.sleep(120)
 
 
 def test_a_native_server_never_outlives_an_owner_killed_outright(
-    native_spec: ModelSpec, smollm2_gguf: Path, tmp_path: Path
+    native_spec: LlamaCppServerSpec, smollm2_gguf: Path, tmp_path: Path
 ) -> None:
     import signal
     import subprocess
@@ -143,11 +144,3 @@ def test_a_native_server_never_outlives_an_owner_killed_outright(
     finally:
         if owner.poll() is None:
             owner.kill()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return state not in ("Z", "X")

@@ -22,6 +22,8 @@ from typing import Any
 import httpx
 import pytest
 
+from procs import alive as _alive
+from procs import wait_gone as _wait_gone
 from speed.config import LlamaCppServerSpec, parse_model_spec
 from speed.ledger import Ledger, LedgeredBackend
 from speed.llm import BackendError, Request, Sampling, load_backend
@@ -41,23 +43,6 @@ SCHEMA: dict[str, Any] = {
     "required": ["query", "relevance"],
     "additionalProperties": False,
 }
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return state not in ("Z", "X")
-
-
-def _wait_gone(pid: int, timeout_s: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if not _alive(pid):
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def test_schema_output_parses(llama_server_spec: dict[str, Any]) -> None:
