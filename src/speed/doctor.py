@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from speed import hardware, preflight
+from speed.precision import cpu_has_bf16
 from speed.preflight import BACKEND_MODULES, Check, check_eval
 from speed.preflight import missing_modules as _missing
 
@@ -132,8 +133,7 @@ def check_torch() -> list[Check]:
         return [Check("torch", False, "not installed", "make setup (torch==2.13.0, CPU build)", roles, True)]
     import torch
 
-    cpu = hardware.cpu_info()
-    bf16 = bool({"avx512_bf16", "amx_bf16"} & cpu.flags)
+    bf16 = cpu_has_bf16()
     checks = [
         Check("torch", True, f"torch {torch.__version__}", roles=roles),
         Check(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Literal, cast, get_args
 
+from speed import hardware
 from speed.config import Precision
 
 #: What the policy answers: the dtype a device computes in.
@@ -28,13 +29,9 @@ def device_name() -> str:
 
 
 def cpu_has_bf16() -> bool:
-    """Whether this CPU has bf16 matrix instructions (AVX512-BF16 or AMX)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            flags = fh.read()
-    except OSError:
-        return False
-    return any(f in flags for f in ("avx512_bf16", "amx_bf16"))
+    """Whether this CPU has bf16 matrix instructions (AVX512-BF16 or AMX), as the OS reports its
+    flags (:func:`speed.hardware.cpu_info`, the one reader of the CPU's features)."""
+    return bool({"avx512_bf16", "amx_bf16"} & hardware.cpu_info().flags)
 
 
 def choose_precision(precision: Precision, device: str) -> Chosen:
