@@ -11,7 +11,9 @@ import argparse
 import errno
 import json
 import logging
+import signal
 import sys
+import threading
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
@@ -478,9 +480,22 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread as an interrupt: every ``except KeyboardInterrupt`` and
+    ``finally`` on the way (answers already received go to the ledger, servers stop, the run lock is
+    released) runs as for Ctrl-C."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        # a scheduler's or a container's stop (SIGTERM) gets the same clean stop as Ctrl-C
+        signal.signal(signal.SIGTERM, _raise_terminated)
     verbose = bool(getattr(args, "verbose", False))
     if not logging.getLogger("speed").handlers:
         logging.basicConfig(
@@ -496,6 +511,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:
         # permissions, full disks, file-size limits, a file where a folder belongs: the user's too
         return _fail(_os_error_message(err), verbose)
+    except Terminated:
+        print("speed: terminated (SIGTERM); answers received so far are in the ledger", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("speed: interrupted", file=sys.stderr)
         return 130

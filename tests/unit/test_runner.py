@@ -295,3 +295,39 @@ def test_builtin_stage_order_is_the_registry_in_dependency_order() -> None:
     for name in order:
         for up in registry[name].reads:
             assert order.index(up) < order.index(name), f"{name} comes before {up}, which it reads"
+
+
+def test_sigterm_stops_cleanly_keeps_the_answers_and_the_rerun_resumes(tmp_path):
+    cfg = write_config(tmp_path, "termed", count=30, delay=0.0)
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{PLUGINS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        "SPEED_TOY_DELAY": "0.1",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "speed.cli", "run", str(cfg)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    progress = tmp_path / "termed" / ".work" / "numbers" / "progress.txt"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (progress.exists() and len(progress.read_text().split()) >= 5):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    try:
+        _, err = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("SIGTERM did not stop the run within 30 s")
+    assert proc.returncode == 143, err
+    assert "speed: terminated (SIGTERM)" in err and "Traceback" not in err
+    run = tmp_path / "termed"
+    assert not (run / "numbers" / "manifest.json").exists(), "an interrupted stage is not done"
+    # the lock is free and the answers received are in the ledger: the rerun resumes, sends the rest
+    again = speed("run", str(cfg))
+    assert again.returncode == 0, again.stderr
+    stats = json.loads((run / "numbers" / "manifest.json").read_text())["stats"]
+    assert stats["resumed_rows"] >= 5 and stats["resumed_rows"] + stats["sent"] + stats["replayed"] == 30
+    assert stats["replayed"] <= 1
