@@ -106,13 +106,15 @@ class ModelSpec(Section):
         The payload keeps the shape of the one flat spec that every backend shared before specs
         were typed per backend, so that runs made before keep their stage keys: a field this
         backend lacks enters with the value the flat spec gave it, ``options`` holds the options
-        as written (unset ones left out), and runtime fields are dropped.
+        that differ from their defaults (so a config read back from a run's config.yaml, where every
+        option is written out, keys the same as the one the user wrote), and runtime fields are
+        dropped.
         """
         out: dict[str, Any] = dict(_FLAT_IDENTITY)
         dumped = self.model_dump(mode="json")
         options = getattr(self, "options", None)
         if isinstance(options, BaseModel):
-            dumped["options"] = options.model_dump(mode="json", exclude_unset=True)
+            dumped["options"] = options.model_dump(mode="json", exclude_defaults=True)
         out.update({k: v for k, v in dumped.items() if k not in self.runtime_fields})
         return out
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from fakerun import CHANGED, FINAL, KINDS, XSS, make_fake_run
+from fakerun import CHANGED, DURATIONS, FINAL, KINDS, XSS, make_fake_run
 from speed.report import build_report
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -97,7 +97,7 @@ def test_full_report_in_chromium(browser: Any, tmp_path: Path) -> None:
         assert page.title().startswith("speed run report")
         for table in ("stage-table", "cost-table", "e5-table", "kind-table", "drop-table", "eval-table"):
             assert page.locator(f"#{table}").is_visible(), table
-        assert p.visible_rows("stage-table") == 12
+        assert p.visible_rows("stage-table") == len(DURATIONS)  # one row per stage of the run
         assert p.visible_rows("sample-table") == FINAL
         assert p.visible_rows("verdict-table") == 7
         assert page.locator("img[alt='evaluate/scale/scale_plot.png']").evaluate("i => i.naturalWidth") == 4

@@ -157,3 +157,15 @@ def test_server_option_defaults_match_the_backends_own() -> None:
     from speed.llm import server
 
     assert LlamaCppServerOptions().model_dump() == server._OPTIONS
+
+
+@pytest.mark.parametrize("name", ["quickstart", "paper"])
+def test_keys_survive_the_round_trip_through_the_runs_config_yaml(name: str, tmp_path: Path) -> None:
+    # `speed status RUN` and a resumed run read RUN/config.yaml, where every option is written out:
+    # an option at its default must key as one left out, or a finished run shows as stale
+    from speed.runner import Runner
+
+    cfg = load_config(CONFIGS / f"{name}.yaml", [f"run.dir={tmp_path / 'run'}"])
+    saved = tmp_path / "config.yaml"
+    saved.write_text(cfg.to_yaml(), encoding="utf-8")
+    assert Runner(load_config(saved)).keys == Runner(cfg).keys
