@@ -45,7 +45,8 @@ test: setup  ## run every test but the GPU ones (slow integration tests included
 test-fast: setup  ## unit tests only (seconds to minutes)
 	$(PY) -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
 
-doctor: setup  ## what this machine and install have and lack, role by role, with the fixes
+doctor:  ## what this machine and install have and lack, role by role, with the fixes (no setup first)
+	@test -x $(VENV)/bin/speed || { echo "no $(VENV) yet (or its setup failed): run make setup and read its last lines; this CPU:"; PYTHONPATH=src python3 -m speed.hardware key; exit 1; }
 	$(VENV)/bin/speed doctor
 
 llama-rebuild:  ## rebuild llama.cpp for this CPU (after moving the venv to another machine)
