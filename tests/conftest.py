@@ -27,29 +27,25 @@ from typing import Any
 
 import pytest
 
+from needs import skip_or_fail
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 SERVER_MODEL_ENV = "SPEED_TEST_SERVER_MODEL"
-
-
-def _skip_or_fail(reason: str) -> None:
-    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-        pytest.fail(f"CI installs everything, yet {reason}")
-    pytest.skip(reason)
 
 
 def _need_packaged(name: str) -> None:
     from speed.models import PACKAGED, is_installed
 
     if not is_installed(name):
-        _skip_or_fail(f"packaged model {name} is not installed: {PACKAGED[name].install_command}")
+        skip_or_fail(f"packaged model {name} is not installed: {PACKAGED[name].install_command}")
 
 
 def _need_llama_cpp(server: bool = False) -> None:
     modules = ["llama_cpp"] + (["uvicorn", "fastapi", "sse_starlette"] if server else [])
     missing = [m for m in modules if importlib.util.find_spec(m) is None]
     if missing:
-        _skip_or_fail(f"{', '.join(missing)} not installed: pip install 'speed[llamacpp]'")
+        skip_or_fail(f"{', '.join(missing)} not installed: pip install 'speed[llamacpp]'")
 
 
 @pytest.fixture(scope="session")

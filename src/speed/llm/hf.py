@@ -13,9 +13,9 @@ Design choices:
 - Seeds: ``generate`` draws from one random stream per batch, so a per-row seed cannot be honoured
   exactly. A batch whose requests all carry seeds is seeded from them (same batch, same output);
   the global RNG is left untouched (``torch.random.fork_rng``).
-- dtype ``auto``: bfloat16 on GPUs that support it (else float16); on CPU bfloat16 only when a short
-  probe shows bf16 matrix products beating float32 (CPUs with AMX: several times faster; without it,
-  emulated bf16 is slower), else float32.
+- dtype ``auto``: bfloat16 on GPUs that support it (else float16); on CPU bfloat16 where the CPU has
+  bf16 matrix units (AVX512-BF16 or AMX: :func:`speed.precision.cpu_has_bf16`, the policy training
+  and evaluation use), else float32 (emulated bf16 is slower).
 - A LoRA adapter (``adapter``, or ``model`` pointing at an adapter folder) is loaded with PEFT and, by
   default, merged into the weights (``merge_adapter``), which makes generation as fast as the base.
 - A JSON schema is only a hint here (no constrained decoding in transformers); the parser validates.
@@ -24,7 +24,6 @@ Design choices:
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import random
@@ -37,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 from speed.llm.base import Backend, BackendError, Completion, OnReady, Request, gather
 from speed.llm.registry import require
 from speed.models import resolve_hf
+from speed.precision import cpu_has_bf16
 
 if TYPE_CHECKING:
     from speed.config import HFSpec
@@ -55,41 +55,15 @@ def is_adapter_dir(path: str | Path) -> bool:
     return (Path(path) / "adapter_config.json").is_file()
 
 
-@functools.lru_cache(maxsize=1)
-def cpu_prefers_bf16() -> bool:
-    """Whether bfloat16 matrix products beat float32 on this CPU (a probe of a few milliseconds)."""
-    import torch
-
-    try:
-        if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-            return False
-    except (AttributeError, RuntimeError):
-        return False
-
-    def best(dtype: Any) -> float:
-        a = torch.randn(384, 384).to(dtype)
-        b = torch.randn(384, 384).to(dtype)
-        a @ b  # warm-up
-        times = []
-        for _ in range(3):
-            t = time.perf_counter()
-            for _ in range(4):
-                a @ b
-            times.append(time.perf_counter() - t)
-        return min(times)
-
-    fp32, bf16 = best(torch.float32), best(torch.bfloat16)
-    logger.debug("CPU matmul probe: fp32 %.4fs, bf16 %.4fs", fp32, bf16)
-    return bf16 < fp32
-
-
 def pick_dtype(torch: Any, device: str, dtype: str) -> Any:
     """The torch dtype for ``dtype`` ("auto", "bfloat16", "float16", "float32") on ``device``."""
     if dtype != "auto":
         return getattr(torch, dtype)
     if device.startswith("cuda"):
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if cpu_prefers_bf16() else torch.float32
+    # the one bf16 policy of speed (training and evaluation use it too): bf16 where the CPU has
+    # bf16 matrix units, since elsewhere torch emulates it, slower than float32
+    return torch.bfloat16 if cpu_has_bf16() else torch.float32
 
 
 class HFBackend(Backend):
