@@ -170,14 +170,19 @@ class Ledger:
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         """One write transaction: committed when the block succeeds, rolled back otherwise."""
         with self._conn() as conn:
-            conn.execute("BEGIN IMMEDIATE")
+            if conn.in_transaction:
+                # a Ctrl-C that landed just after an earlier BEGIN left that write open: drop it, or
+                # this BEGIN fails and the answers being saved after the interrupt are lost
+                conn.execute("ROLLBACK")
             try:
+                conn.execute("BEGIN IMMEDIATE")
                 yield conn
                 conn.execute("COMMIT")
             except BaseException:
                 # after a disk error SQLite may have rolled back already; the first error is the one to tell
-                with contextlib.suppress(sqlite3.Error):
-                    conn.execute("ROLLBACK")
+                if conn.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
                 raise
 
     def close(self) -> None:

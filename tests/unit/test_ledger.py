@@ -49,6 +49,20 @@ def test_answered_requests_are_replayed_not_sent(tmp_path):
     assert (t.calls, t.tokens_in, t.tokens_out) == (6, 30, 12)
 
 
+def test_a_write_left_open_by_an_interrupt_does_not_block_the_next(tmp_path):
+    # Ctrl-C can land between an earlier write's BEGIN and its try block; the answers saved right
+    # after the interrupt (the ones already paid for) must still be stored
+    ledger = Ledger(tmp_path / "l.sqlite")
+    with ledger._conn() as conn:
+        conn.execute("BEGIN IMMEDIATE")
+        assert conn.in_transaction
+    llm = LedgeredBackend(CountingBackend(), ledger, role="teacher", stage="seed")
+    llm.generate([Request.chat("q0")])
+    ledger.close()
+    with sqlite3.connect(tmp_path / "l.sqlite") as other:
+        assert other.execute("SELECT COUNT(*) FROM calls").fetchone()[0] == 1
+
+
 def test_key_depends_on_role_model_sampling_and_schema():
     r = Request.chat("hello")
     assert r.key("teacher", "a") != r.key("junior", "a")
