@@ -247,12 +247,15 @@ def test_ctrl_c_mid_batch_keeps_every_answer_received(server: FakeOpenAIServer, 
     interrupted = threading.Event()
 
     def interrupt_when_all_held(prompt: str) -> None:
-        # all workers on held requests: the K answers are in the client, maybe not yet stored
+        # all workers on held requests: the K answers are in the client, maybe not yet stored.
+        # Checked and set under the lock: two arrivals seeing "all held" at once would send two
+        # SIGINTs, and the second would cut short the saving of what the first interrupted (CI saw it)
         with server.lock:
             all_held = sum(server.hits[p] for p in held) == concurrency
-        if all_held and not interrupted.is_set():
+            if not all_held or interrupted.is_set():
+                return
             interrupted.set()
-            os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
 
     server.on_arrival = interrupt_when_all_held
     path = tmp_path / "ledger.sqlite"
