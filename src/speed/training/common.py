@@ -29,6 +29,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from speed.precision import choose_precision, device_name
+
 if TYPE_CHECKING:
     from speed.config import LoRATrainingConfig
 
@@ -450,6 +452,96 @@ def train_and_save(
     )
     result.save(out_dir / "train_result.json")
     return result
+
+
+@dataclass
+class LoRARun:
+    """What LoRA SFT and DPO set up alike before building their TRL trainer, and how they finish.
+
+    Build it with :meth:`start`; pass :meth:`trainer_args` and :meth:`peft_config` to the trainer,
+    then :meth:`train` it.
+    """
+
+    base: str | Path
+    cfg: LoRATrainingConfig
+    out_dir: Path
+    seed: int
+    what: str
+    device: str
+    precision: str
+    tokenizer: Any
+    model: Any
+    rows: list[Mapping[str, Any]]
+
+    @classmethod
+    def start(
+        cls,
+        base: str | Path,
+        rows: Sequence[Mapping[str, Any]],
+        cfg: LoRATrainingConfig,
+        out_dir: str | Path,
+        seed: int,
+        *,
+        threads: int | None,
+        system: str | None,
+        what: str,
+    ) -> LoRARun:
+        """Seed torch, pick device and precision, load tokenizer and model, drop rows too long."""
+        require_training_stack()
+        import torch
+
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        set_threads(threads)
+        torch.manual_seed(seed)
+        device = device_name()
+        precision = choose_precision(cfg.precision, device)
+        tokenizer = load_tokenizer(base)
+        model = load_causal_lm(base, device, precision)
+        kept = drop_long_prompts(rows, tokenizer, cfg.max_length, what, system)
+        return cls(base, cfg, out_dir, seed, what, device, precision, tokenizer, model, kept)
+
+    def trainer_args(self) -> dict[str, Any]:
+        """The keyword arguments of TRL's SFTConfig and DPOConfig this run shares."""
+        return trainer_args(
+            out_dir=self.out_dir,
+            cfg=self.cfg,
+            seed=self.seed,
+            device=self.device,
+            precision=self.precision,
+            what=self.what,
+        )
+
+    def peft_config(self) -> Any:
+        """The LoRA adapter the config asks for."""
+        c = self.cfg
+        return lora_config(c.lora_r, c.lora_alpha, c.lora_dropout, c.lora_target_modules)
+
+    def train(self, trainer: Any, method: str) -> TrainResult:
+        """Train (logging ``method``, e.g. "SFT" or "DPO (beta 0.1)"), check the losses, save."""
+        recorder = quiet_trainer(trainer, self.what)
+        logger.info(
+            "%s: LoRA %s of %s on %d rows, %s, %s, lr %g, batch %d",
+            self.what,
+            method,
+            self.base,
+            len(self.rows),
+            self.device,
+            self.precision,
+            self.cfg.learning_rate,
+            self.cfg.batch_size,
+        )
+        return train_and_save(
+            trainer,
+            recorder,
+            self.tokenizer,
+            self.base,
+            self.out_dir,
+            len(self.rows),
+            self.device,
+            self.precision,
+            self.what,
+        )
 
 
 def save_adapter_and_merged(model: Any, tokenizer: Any, out_dir: Path, dtype: Any) -> tuple[Path, Path]:

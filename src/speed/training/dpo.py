@@ -26,22 +26,17 @@ from pathlib import Path
 from typing import Any
 
 from speed.config import DPOConfig
-from speed.precision import choose_precision, device_name
+from speed.precision import device_name
 from speed.training.common import (
+    LoRARun,
     TrainingInputError,
     TrainResult,
     answer_messages,
     check_rows,
-    drop_long_prompts,
-    load_causal_lm,
     load_tokenizer,
-    lora_config,
     prompt_messages,
-    quiet_trainer,
     require_training_stack,
     set_threads,
-    train_and_save,
-    trainer_args,
 )
 
 logger = logging.getLogger(__name__)
@@ -102,47 +97,20 @@ def train_dpo(
         RuntimeError: a non-finite loss.
     """
     _check_pairs(rows, what)
-    require_training_stack()
-    import torch
+    run = LoRARun.start(model, rows, cfg, out_dir, seed, threads=threads, system=system, what=what)
     from datasets import Dataset
     from trl import DPOConfig as TRLDPOConfig
     from trl import DPOTrainer
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    set_threads(threads)
-    torch.manual_seed(seed)
-    device = device_name()
-    precision = choose_precision(cfg.precision, device)
-
-    tokenizer = load_tokenizer(model)
-    policy = load_causal_lm(model, device, precision)
-    kept = drop_long_prompts(rows, tokenizer, cfg.max_length, what, system)
-    args = TRLDPOConfig(
-        **trainer_args(out_dir=out_dir, cfg=cfg, seed=seed, device=device, precision=precision, what=what),
-        beta=cfg.beta,
-    )
     trainer = DPOTrainer(
-        model=policy,
+        model=run.model,
         ref_model=None,
-        args=args,
-        train_dataset=Dataset.from_list(to_conversational(kept, system)),
-        processing_class=tokenizer,
-        peft_config=lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules),
+        args=TRLDPOConfig(**run.trainer_args(), beta=cfg.beta),
+        train_dataset=Dataset.from_list(to_conversational(run.rows, system)),
+        processing_class=run.tokenizer,
+        peft_config=run.peft_config(),
     )
-    recorder = quiet_trainer(trainer, what)
-    logger.info(
-        "%s: LoRA DPO of %s on %d pairs, beta %g, %s, %s, lr %g, batch %d",
-        what,
-        model,
-        len(kept),
-        cfg.beta,
-        device,
-        precision,
-        cfg.learning_rate,
-        cfg.batch_size,
-    )
-    return train_and_save(trainer, recorder, tokenizer, model, out_dir, len(kept), device, precision, what)
+    return run.train(trainer, f"DPO (beta {cfg.beta:g})")
 
 
 # --------------------------------------------------------------------------------------------

@@ -33,22 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from speed.config import SFTConfig
-from speed.precision import choose_precision, device_name
-from speed.training.common import (
-    TrainResult,
-    answer_messages,
-    check_rows,
-    drop_long_prompts,
-    load_causal_lm,
-    load_tokenizer,
-    lora_config,
-    prompt_messages,
-    quiet_trainer,
-    require_training_stack,
-    set_threads,
-    train_and_save,
-    trainer_args,
-)
+from speed.training.common import LoRARun, TrainResult, answer_messages, check_rows, prompt_messages
 
 logger = logging.getLogger(__name__)
 
@@ -99,46 +84,16 @@ def train_sft(
         RuntimeError: a non-finite loss.
     """
     check_rows(rows, ("prompt", "completion"), what)
-    require_training_stack()
-    import torch
+    run = LoRARun.start(base_model, rows, cfg, out_dir, seed, threads=threads, system=system, what=what)
     from datasets import Dataset
     from trl import SFTConfig as TRLSFTConfig
     from trl import SFTTrainer
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    set_threads(threads)
-    torch.manual_seed(seed)
-    device = device_name()
-    precision = choose_precision(cfg.precision, device)
-
-    tokenizer = load_tokenizer(base_model)
-    model = load_causal_lm(base_model, device, precision)
-    args = TRLSFTConfig(
-        **trainer_args(out_dir=out_dir, cfg=cfg, seed=seed, device=device, precision=precision, what=what),
-        completion_only_loss=True,
-        packing=False,
-    )
-    kept = drop_long_prompts(rows, tokenizer, cfg.max_length, what, system)
-    dataset = Dataset.from_list(to_conversational(kept, system))
     trainer = SFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=dataset,
-        processing_class=tokenizer,
-        peft_config=lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules),
+        model=run.model,
+        args=TRLSFTConfig(**run.trainer_args(), completion_only_loss=True, packing=False),
+        train_dataset=Dataset.from_list(to_conversational(run.rows, system)),
+        processing_class=run.tokenizer,
+        peft_config=run.peft_config(),
     )
-    recorder = quiet_trainer(trainer, what)
-    logger.info(
-        "%s: LoRA SFT of %s on %d rows, %s, %s, lr %g, batch %d",
-        what,
-        base_model,
-        len(kept),
-        device,
-        precision,
-        cfg.learning_rate,
-        cfg.batch_size,
-    )
-    return train_and_save(
-        trainer, recorder, tokenizer, base_model, out_dir, len(kept), device, precision, what
-    )
+    return run.train(trainer, "SFT")
