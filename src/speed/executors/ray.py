@@ -284,6 +284,14 @@ class RayExecutor(Executor):
         check_shard_ids(shards)
         if not shards:
             return
+        if ctx.cfg.run.budget.active and "teacher" in getattr(factory.kwargs.get("stage"), "roles", ()):
+            from speed.config import ConfigError
+
+            # the budget's reservations live in the driver: workers could not keep it together
+            raise ConfigError(
+                f"run.budget limits the teacher, and stage '{ctx.name}' would call it on Ray workers, "
+                "where the budget is not kept; run it with executor.kind: local, or drop run.budget"
+            )
         ray = self._init()
         ray_data = _ray_data()
         workers = min(self.ex.num_workers, len(shards))

@@ -32,7 +32,7 @@ from typing import Any
 
 from speed.config import load_config
 from speed.io import iter_jsonl, read_json
-from speed.ledger import cost_summary
+from speed.ledger import budget_summary, cost_summary
 from speed.runner import Runner, builtin_stage_order
 
 logger = logging.getLogger(__name__)
@@ -159,6 +159,7 @@ def collect_costs(run_dir: Path, warnings: _Warnings) -> dict[str, Any]:
         "teacher_tokens_per_example": None,
         "e5_style": None,
         "savings": None,
+        "budget": None,
     }
     if not (run_dir / "ledger.sqlite").exists():
         return empty
@@ -168,6 +169,10 @@ def collect_costs(run_dir: Path, warnings: _Warnings) -> dict[str, Any]:
         warnings.add(f"cannot read the call ledger {run_dir / 'ledger.sqlite'} ({err}); costs left out")
         return empty
     out = {**empty, **cost}
+    try:
+        out["budget"] = budget_summary(run_dir)
+    except Exception as err:
+        warnings.add(f"cannot read run.budget of {run_dir / 'config.yaml'} ({err}); budget left out")
     total = out["teacher_total"]
     final = out.get("final_examples")
     tokens = int(total.get("tokens_in", 0)) + int(total.get("tokens_out", 0))
