@@ -212,3 +212,38 @@ def test_speed_cost_and_the_report_show_spend_against_budget(tmp_path: Path, cap
 
     html = build_report(run).read_text(encoding="utf-8")
     assert 'id="budget-table"' in html and "tokens_out" in html
+
+
+def test_a_teacher_stage_on_ray_runs_on_the_driver_where_the_budget_is_kept(tmp_path: Path) -> None:
+    from speed.executors import Shard, Worker, WorkerFactory
+    from speed.executors.ray import RayExecutor
+    from speed.runner import RunSession, StageContext
+
+    class TeacherStage:
+        roles = ("teacher",)
+
+    class Ask(Worker):
+        def __init__(self, env, stage: type) -> None:
+            super().__init__(env)
+            self.env = env
+
+        def process(self, shard: Shard) -> dict:
+            llm = self.env.llm("teacher")
+            return {"texts": [c.text for c in llm.generate(requests(shard.payload))]}
+
+    cfg = load_config(None, [f"run.dir={tmp_path}", "executor.kind=ray", "run.budget.calls=2"])
+    session = RunSession(cfg, tmp_path)
+    session.roles._backends[("teacher", None)] = teacher = Teacher()
+    out = tmp_path / ".work" / "seed"
+    out.mkdir(parents=True)
+    ctx = StageContext(cfg, tmp_path, "seed", "k", out, (), session)
+    executor = RayExecutor(cfg)  # never started: the shards must not reach Ray
+    try:
+        shards = [Shard("a", 2), Shard("b", 3)]
+        results = executor.map(ctx, WorkerFactory(Ask, {"stage": TeacherStage}), shards)
+        assert next(results) == ("a", {"texts": ["Q0", "Q1"]})
+        with pytest.raises(BudgetExceeded):
+            next(results)
+        assert teacher.sent == ["q0", "q1"] and not executor._started
+    finally:
+        session.close()
