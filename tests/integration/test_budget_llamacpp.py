@@ -35,7 +35,9 @@ def speed(*args: str) -> subprocess.CompletedProcess[str]:
 
 def ledger_rows(run: Path) -> list[tuple[str, str, str, int, str | None]]:
     with sqlite3.connect(run / "ledger.sqlite") as db:
-        return db.execute("SELECT key, stage, role, attempts, error FROM calls ORDER BY created_at").fetchall()
+        return db.execute(
+            "SELECT key, stage, role, attempts, error FROM calls ORDER BY created_at"
+        ).fetchall()
 
 
 def served(log: Path) -> int:
