@@ -30,6 +30,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from speed.card import EASY_OVERLAP, jaccard, words
 from speed.config import load_config
 from speed.io import iter_jsonl, read_json
 from speed.ledger import budget_summary, cost_summary
@@ -282,6 +283,7 @@ def collect_examples(
     stage = next((s for s in stages if s["name"] == "synthesize"), None)
     drops = dict(stage["drops"]) if stage else {}
     by_kind: Counter[str] = Counter()
+    overlaps: dict[str, list[float]] = {}
     row_drops: Counter[str] = Counter()
     revised = 0
     samples: dict[str, list[dict[str, Any]]] = {}
@@ -294,6 +296,9 @@ def collect_examples(
                 continue
             kind = str(row.get("kind") or "unknown")
             by_kind[kind] += 1
+            overlaps.setdefault(kind, []).append(
+                jaccard(words(row.get("query_text") or row.get("query")), words(row.get("positive")))
+            )
             revised += revision_changed(row)
             _reservoir_add(samples.setdefault(kind, []), by_kind[kind], row, sample_per_kind, rng)
     # drops counted in the stats win; rows marked dropped add reasons the stats lack
@@ -310,6 +315,15 @@ def collect_examples(
         "kept_fraction": total / (total + dropped) if total + dropped else None,
         "revised": revised,
         "sample_per_kind": sample_per_kind,
+        # "too easy": queries that repeat their positive's words (speed.card)
+        "too_easy": {
+            kind: {
+                "mean_jaccard": round(sum(v) / len(v), 4),
+                "share_above": round(sum(x > EASY_OVERLAP for x in v) / len(v), 4),
+                "threshold": EASY_OVERLAP,
+            }
+            for kind, v in sorted(overlaps.items())
+        },
     }
     sample = [row for kind in sorted(samples) for row in samples[kind]]
     return summary, sample
