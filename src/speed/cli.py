@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from speed.budget import BudgetExceeded
 from speed.config import ConfigError, SpeedConfig, load_config
 from speed.export import ExportError
 from speed.io import DamagedFileError
@@ -180,11 +181,16 @@ def cmd_cost(args: argparse.Namespace) -> int:
     run_dir = Path(args.run)
     if not (run_dir / "ledger.sqlite").exists():
         raise ConfigError(f"'{run_dir}' has no ledger.sqlite; is it a run directory?")
-    from speed.ledger import cost_summary
+    from speed.ledger import budget_summary, cost_summary
 
     c = cost_summary(run_dir)
+    try:
+        budget = budget_summary(run_dir)
+    except ConfigError as err:  # the costs do not need the config; say why the budget is missing
+        print(f"budget: not shown ({err})", file=sys.stderr)
+        budget = None
     if args.json:
-        print(json.dumps(c, indent=2))
+        print(json.dumps({**c, "budget": budget}, indent=2))
         return 0
     rows = [("stage", "teacher calls", "tokens in", "tokens out", "errors")]
     for stage, t in c["teacher_by_stage"].items():
@@ -202,7 +208,24 @@ def cmd_cost(args: argparse.Namespace) -> int:
         )
     else:
         print("final examples: none yet (synthesize has not finished)")
+    if budget is not None:
+        print()
+        _print_budget(budget)
     return 0
+
+
+def _print_budget(budget: dict[str, Any]) -> None:
+    """The run's budget: limit, spent and left per limit (every teacher call of the ledger)."""
+    rows = [("budget", "limit", "spent", "left")]
+    for name in ("calls", "tokens_in", "tokens_out", "usd"):
+        b = budget[name]
+        if b["limit"] is None:
+            continue
+        fmt = (lambda v: f"{v:.4f}") if name == "usd" else str
+        rows.append((f"teacher {name}", fmt(b["limit"]), fmt(b["spent"]), fmt(b["left"])))
+    _print_table(rows)
+    if budget["unpriced_models"]:
+        print(f"not priced (run.budget.prices): {', '.join(budget['unpriced_models'])}")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -311,6 +334,12 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 0
 
 
+EXIT_CODES = (
+    "exit status: 0 done; 2 a user error (config, files, a dead server); 3 stopped at run.budget "
+    "(raise it and rerun to resume, nothing is sent twice); 130 Ctrl-C; 143 SIGTERM"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="speed", description=__doc__.split("\n")[0])
     p.add_argument("--version", action="version", version=f"speed {__import__('speed').__version__}")
@@ -329,6 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser(
         "run", parents=[common], help="run the pipeline of a config (resumes; skips finished stages)"
     )
+    r.epilog = EXIT_CODES
     r.add_argument("config", help="YAML config, e.g. configs/quickstart.yaml")
     r.add_argument(
         "-o",
@@ -344,6 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_run)
 
     st = sub.add_parser("stage", parents=[common], help="run one stage of a config (same as run --only)")
+    st.epilog = EXIT_CODES
     st.add_argument("config")
     st.add_argument("only", metavar="STAGE")
     st.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE")
@@ -480,6 +511,10 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+#: exit code of a run stopped by run.budget (2: any other user error; 130: Ctrl-C; 143: SIGTERM)
+EXIT_BUDGET = 3
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised in the main thread as an interrupt: every ``except KeyboardInterrupt`` and
     ``finally`` on the way (answers already received go to the ledger, servers stop, the run lock is
@@ -505,6 +540,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         return int(args.func(args) or 0)
+    except BudgetExceeded as err:
+        # a stop the user asked for, not a failure: its own exit code, so scripts can tell
+        if verbose:
+            traceback.print_exc()
+        print(f"speed: error: {err}", file=sys.stderr)
+        return EXIT_BUDGET
     except USER_ERRORS as err:
         # a dead or crashed model server is the user's to fix, not a bug: words, not a traceback
         return _fail(str(err), verbose)

@@ -443,6 +443,39 @@ ROLES = tuple(ModelsConfig.model_fields)
 # run-wide sections
 
 
+class Price(Section):
+    """What one model's tokens cost, in US dollars per million tokens (the API's price list)."""
+
+    input: float = Field(ge=0, description="USD per 1M prompt tokens.")
+    output: float = Field(ge=0, description="USD per 1M generated tokens.")
+
+
+class BudgetConfig(Section):
+    """A hard stop on what the teacher's calls cost the run folder (:mod:`speed.budget`).
+
+    Checked before every batch of teacher requests is sent, against everything the run's ledger
+    holds; replayed answers cost nothing. A batch that would cross a limit is cut to what fits, the
+    rest is not sent, and the run stops (exit 3). Raise the limit and rerun to resume.
+    """
+
+    calls: StrictInt | None = Field(None, gt=0, description="Teacher calls answered; None: no limit.")
+    tokens_in: StrictInt | None = Field(None, gt=0, description="Teacher prompt tokens; None: no limit.")
+    tokens_out: StrictInt | None = Field(None, gt=0, description="Teacher generated tokens; None: no limit.")
+    usd: float | None = Field(
+        None, gt=0, description="Teacher spend in US dollars, priced by `prices`; None: no limit."
+    )
+    prices: dict[str, Price] = Field(
+        default_factory=dict,
+        description="Price per model name (as models.teacher.model writes it), e.g. "
+        "{gpt-4o: {input: 2.5, output: 10}}; needed for `usd`.",
+    )
+
+    @property
+    def active(self) -> bool:
+        """Whether any limit is set."""
+        return any(v is not None for v in (self.calls, self.tokens_in, self.tokens_out, self.usd))
+
+
 class RunConfig(Section):
     """Where the run lives and what holds for all of it."""
 
@@ -461,6 +494,9 @@ class RunConfig(Section):
         1, gt=0, description="CPU threads per process; one often beats two on a busy 2-core machine."
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    budget: BudgetConfig = Field(
+        default_factory=BudgetConfig, description="Limits on the teacher's calls, tokens and spend."
+    )
 
 
 class PipelineConfig(Section):
@@ -749,6 +785,19 @@ class SpeedConfig(Section):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     #: sections added by plugins (validated by the stage that owns them)
     extra: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _teacher_priced(self) -> SpeedConfig:
+        budget = self.run.budget
+        model = self.models.teacher.model
+        if budget.usd is not None and model not in budget.prices:
+            priced = ", ".join(budget.prices) or "none"
+            raise ValueError(
+                f"run.budget.usd is set but run.budget.prices has no price for the teacher's model "
+                f"'{model}' (priced: {priced}); add run.budget.prices.{model}: {{input: USD per 1M "
+                "tokens, output: USD per 1M tokens}"
+            )
+        return self
 
     def section(self, name: str) -> Any:
         """The config section a stage uses (a model, or a plain dict for plugin sections)."""

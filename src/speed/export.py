@@ -22,6 +22,10 @@ written so that its consumer's own loader reads it unchanged:
   positive of another example, drawn with a fixed seed (a random negative, as its ``hn_mine`` tool
   would give), and the count is logged.
 
+Every format also gets a dataset card (:mod:`speed.card`): ``README.md`` inside the exported
+folder (a flagembedding ``.jsonl`` file gets ``NAME.README.md`` beside it), a Hugging Face dataset
+card whose YAML header the hub reads and whose body says what the data is made of.
+
 Design choices: an export never overwrites an existing path unless asked; it is written to a
 temporary sibling and renamed, so a failed export leaves nothing half-written.
 """
@@ -38,6 +42,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+from speed.card import write_card
 from speed.formats import parse_query
 from speed.io import read_rows
 from speed.suggest import did_you_mean
@@ -190,7 +195,10 @@ def export_run(
         from speed.io import write_jsonl
 
         n = write_jsonl(target, to_flagembedding(rows, seed=seed))
-        logger.info("exported %d rows to %s (flagembedding)", n, target)
+        # a folder gets its README.md; a file the user named gets NAME.README.md beside it
+        card = out / "README.md" if target.parent == out else target.with_suffix(".README.md")
+        write_card(card, run_dir, rows, fmt)
+        logger.info("exported %d rows to %s (flagembedding), card %s", n, target, card)
         return target
 
     datasets = _datasets()
@@ -207,6 +215,7 @@ def export_run(
             )
             dd.save_to_disk(str(tmp))
             count = sum(len(d) for d in dd.values())
+        write_card(tmp / "README.md", run_dir, rows, fmt)
         _publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

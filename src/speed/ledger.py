@@ -37,10 +37,13 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from speed.io import read_json
 from speed.llm.base import Backend, Completion, OnReady, Request, gather
+
+if TYPE_CHECKING:
+    from speed.budget import Budget
 
 logger = logging.getLogger(__name__)
 
@@ -230,6 +233,17 @@ class Ledger:
             ).fetchone()
         return Totals(*(v or 0 for v in row))
 
+    def totals_by_model(self, role: str) -> dict[str, Totals]:
+        """Totals of one role's calls per model label (what a budget prices; :mod:`speed.budget`)."""
+        with self._conn() as conn:
+            rows = conn.execute(
+                "SELECT model, SUM(error IS NULL), SUM(CASE WHEN error IS NULL THEN tokens_in END), "
+                "SUM(CASE WHEN error IS NULL THEN tokens_out END), SUM(error IS NOT NULL), "
+                "SUM(latency_s) FROM calls WHERE role = ? GROUP BY model ORDER BY model",
+                (role,),
+            ).fetchall()
+        return {model: Totals(*(v or 0 for v in rest)) for model, *rest in rows}
+
     def usage(self, stage_key: str) -> dict[str, Totals]:
         """Totals per role over the calls a stage run (its key) used, sent or replayed."""
         with self._conn() as conn:
@@ -331,6 +345,8 @@ class LedgeredBackend(Backend):
         model_id: label of the model for the ledger key; defaults to ``backend.model_id``.
         stage_key: the key of the stage run; every call answered here, sent or replayed, is noted
             as used by it (:meth:`Ledger.usage`).
+        budget: the run's :class:`~speed.budget.Budget`, asked before each batch is sent; None:
+            no limit.
     """
 
     name = "ledgered"
@@ -344,8 +360,10 @@ class LedgeredBackend(Backend):
         flush_every: int = 32,
         model_id: str | None = None,
         stage_key: str | None = None,
+        budget: Budget | None = None,
     ):
         self.backend = backend
+        self.budget = budget
         self.ledger = ledger
         self.role = role
         self.stage = stage
@@ -395,13 +413,49 @@ class LedgeredBackend(Backend):
             if fresh:
                 on_ready([(i, comp) for j, comp in fresh for i in copies[keys[send[j]]]])
 
-        if send:
+        if send and self.budget is None:
             self.backend.generate_as_ready([requests[i] for i in send], record)
+        elif send:
+            self._send_within_budget([requests[i] for i in send], record)
         if self.stage_key is not None:
             self.ledger.use(self.stage_key, keys)
 
+    def _send_within_budget(self, batch: list[Request], record: OnReady) -> None:
+        """Send ``batch`` in the rounds the budget admits; stop before the first that does not fit.
+
+        Each round is admitted against the ledger's figures after the previous round's answers,
+        so a batch far from the limit goes in one round, with all its concurrency.
+
+        Raises:
+            BudgetExceeded: part of the batch was not sent (the answers of the rest are recorded).
+        """
+        assert self.budget is not None
+        start = 0
+        while start < len(batch):
+            n, ticket = self.budget.admit(self.model_id, batch[start:])
+            if n == 0:
+                break
+            try:
+                self.backend.generate_as_ready(batch[start : start + n], _shifted(record, start))
+            finally:
+                self.budget.release(ticket)
+            start += n
+        if start < len(batch):
+            raise self.budget.exceeded(
+                self.stage, self.model_id, batch[start], len(batch) - start, len(batch)
+            )
+
     def close(self) -> None:
         self.backend.close()
+
+
+def _shifted(on_ready: OnReady, offset: int) -> OnReady:
+    """``on_ready`` for a slice of a batch that starts at ``offset``: indices moved back to the batch's."""
+
+    def shifted(ready: list[tuple[int, Completion]]) -> None:
+        on_ready([(offset + j, comp) for j, comp in ready])
+
+    return shifted
 
 
 # --------------------------------------------------------------------------------------------
@@ -441,3 +495,26 @@ def cost_summary(run_dir: Path) -> dict[str, Any]:
         "final_examples": final,
         "teacher_calls_per_example": (total.calls / final) if final else None,
     }
+
+
+def budget_summary(run_dir: Path) -> dict[str, Any] | None:
+    """``run.budget`` of a run folder (its config.yaml) against its ledger, or None without a limit.
+
+    For ``speed cost`` and the report: a reader, it never creates or changes a ledger.
+
+    Raises:
+        ConfigError: the run's config.yaml cannot be loaded.
+    """
+    from speed.budget import Budget
+    from speed.config import load_config
+
+    if not (run_dir / "config.yaml").is_file() or not (run_dir / "ledger.sqlite").is_file():
+        return None
+    cfg = load_config(run_dir / "config.yaml", [f"run.dir={run_dir}"])
+    if not cfg.run.budget.active:
+        return None
+    ledger = Ledger(run_dir / "ledger.sqlite", create=False)
+    try:
+        return Budget(cfg.run.budget, ledger).status()
+    finally:
+        ledger.close()

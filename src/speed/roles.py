@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from speed.budget import Budget
     from speed.config import ModelSpec, SpeedConfig
     from speed.ledger import Ledger, LedgeredBackend
     from speed.llm.base import Backend
@@ -107,11 +108,14 @@ class RoleBackends:
         cfg: the run's config (the roles' specs and ``run.threads``).
         run_dir: the run directory, as the driver sees it (for the weights trained in the run and
             their ledger labels; a Ray worker reads them at the same path).
+        budget: the run's budget, handed to the teacher's backends (:mod:`speed.budget`); None
+            where ``run.budget`` sets no limit.
     """
 
-    def __init__(self, cfg: SpeedConfig, run_dir: str | Path):
+    def __init__(self, cfg: SpeedConfig, run_dir: str | Path, budget: Budget | None = None):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
+        self.budget = budget
         self._backends: dict[tuple[str, str | None], Backend] = {}
 
     def ledgered(
@@ -134,8 +138,18 @@ class RoleBackends:
             stage_key: the key of the stage run, which the calls are noted as used by.
             model_path: weights to load instead of those :func:`role_weights` gives.
         """
+        from speed.budget import BUDGETED_ROLE
         from speed.ledger import LedgeredBackend
 
+        budget = self.budget if role == BUDGETED_ROLE else None
+        if role == BUDGETED_ROLE and budget is None and self.cfg.run.budget.active:
+            # a limit the user set must never silently not apply
+            from speed.config import ConfigError
+
+            raise ConfigError(
+                f"run.budget limits the teacher, but stage '{stage}' asks for it where the budget is not "
+                "kept (a Ray worker); run the teacher stages with executor.kind: local, or drop run.budget"
+            )
         spec: ModelSpec = getattr(self.cfg.models, role)
         weights = model_path if model_path is not None else role_weights(self.run_dir, role, reads)
         path = str(weights) if weights is not None else None
@@ -155,6 +169,7 @@ class RoleBackends:
             flush_every=spec.batch_size,
             model_id=ledger_model_id(self.run_dir, path) or backend.model_id,
             stage_key=stage_key,
+            budget=budget,
         )
 
     def release(self, role: str) -> None:

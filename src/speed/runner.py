@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from speed import __version__
+from speed.budget import Budget
 from speed.config import ConfigError, ModelSpec, SpeedConfig
 from speed.io import DamagedFileError, read_json, write_json
 from speed.ledger import Ledger, LedgeredBackend
@@ -242,7 +243,8 @@ class RunSession:
         self.run_dir = run_dir
         self.ledger = Ledger(run_dir / "ledger.sqlite")
         self._stack = ExitStack()
-        self.roles = RoleBackends(cfg, run_dir)
+        self.budget = Budget(cfg.run.budget, self.ledger) if cfg.run.budget.active else None
+        self.roles = RoleBackends(cfg, run_dir, budget=self.budget)
         self._stack.callback(self.roles.close)
         self._executor: Any = None
 

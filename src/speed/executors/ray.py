@@ -284,6 +284,15 @@ class RayExecutor(Executor):
         check_shard_ids(shards)
         if not shards:
             return
+        if ctx.cfg.run.budget.active and "teacher" in getattr(factory.kwargs.get("stage"), "roles", ()):
+            from speed.executors.local import LocalExecutor
+
+            # run.budget's reservations live in the driver, where workers could not keep them
+            # together; a teacher stage waits on the teacher's endpoint, not on local compute, so
+            # the driver runs its shards itself
+            logger.info("%s: run.budget is kept on the driver; its teacher shards run there", ctx.name)
+            yield from LocalExecutor().map(ctx, factory, shards)
+            return
         ray = self._init()
         ray_data = _ray_data()
         workers = min(self.ex.num_workers, len(shards))

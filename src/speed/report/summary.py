@@ -30,9 +30,10 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from speed.card import EASY_OVERLAP, jaccard, words
 from speed.config import load_config
 from speed.io import iter_jsonl, read_json
-from speed.ledger import cost_summary
+from speed.ledger import budget_summary, cost_summary
 from speed.runner import Runner, builtin_stage_order
 
 logger = logging.getLogger(__name__)
@@ -159,6 +160,7 @@ def collect_costs(run_dir: Path, warnings: _Warnings) -> dict[str, Any]:
         "teacher_tokens_per_example": None,
         "e5_style": None,
         "savings": None,
+        "budget": None,
     }
     if not (run_dir / "ledger.sqlite").exists():
         return empty
@@ -168,6 +170,10 @@ def collect_costs(run_dir: Path, warnings: _Warnings) -> dict[str, Any]:
         warnings.add(f"cannot read the call ledger {run_dir / 'ledger.sqlite'} ({err}); costs left out")
         return empty
     out = {**empty, **cost}
+    try:
+        out["budget"] = budget_summary(run_dir)
+    except Exception as err:
+        warnings.add(f"cannot read run.budget of {run_dir / 'config.yaml'} ({err}); budget left out")
     total = out["teacher_total"]
     final = out.get("final_examples")
     tokens = int(total.get("tokens_in", 0)) + int(total.get("tokens_out", 0))
@@ -277,6 +283,7 @@ def collect_examples(
     stage = next((s for s in stages if s["name"] == "synthesize"), None)
     drops = dict(stage["drops"]) if stage else {}
     by_kind: Counter[str] = Counter()
+    overlaps: dict[str, list[float]] = {}
     row_drops: Counter[str] = Counter()
     revised = 0
     samples: dict[str, list[dict[str, Any]]] = {}
@@ -289,6 +296,9 @@ def collect_examples(
                 continue
             kind = str(row.get("kind") or "unknown")
             by_kind[kind] += 1
+            overlaps.setdefault(kind, []).append(
+                jaccard(words(row.get("query_text") or row.get("query")), words(row.get("positive")))
+            )
             revised += revision_changed(row)
             _reservoir_add(samples.setdefault(kind, []), by_kind[kind], row, sample_per_kind, rng)
     # drops counted in the stats win; rows marked dropped add reasons the stats lack
@@ -305,6 +315,15 @@ def collect_examples(
         "kept_fraction": total / (total + dropped) if total + dropped else None,
         "revised": revised,
         "sample_per_kind": sample_per_kind,
+        # "too easy": queries that repeat their positive's words (speed.card)
+        "too_easy": {
+            kind: {
+                "mean_jaccard": round(sum(v) / len(v), 4),
+                "share_above": round(sum(x > EASY_OVERLAP for x in v) / len(v), 4),
+                "threshold": EASY_OVERLAP,
+            }
+            for kind, v in sorted(overlaps.items())
+        },
     }
     sample = [row for kind in sorted(samples) for row in samples[kind]]
     return summary, sample
