@@ -73,6 +73,8 @@ def test_teacher_costs_and_e5_comparison(full_run: Path) -> None:
         "tokens_out": 300,
         "errors": 0,
         "latency_s": 2.5,
+        "attempts": 5,
+        "failed_attempts": {"429": 0, "5xx": 0, "timeout": 0, "dropped": 0},
     }
     assert c["final_examples"] == FINAL
     assert c["teacher_calls_per_example"] == pytest.approx(TEACHER_CALLS / FINAL)
