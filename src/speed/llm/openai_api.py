@@ -500,6 +500,8 @@ class OpenAIBackend(Backend):
         if exc is None:
             return "no error"
         text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        if isinstance(exc, _RetryableStatus):
+            text = str(exc)  # "HTTP 503: <body>": the class name is ours, not the user's business
         if isinstance(exc, httpx.TimeoutException):
             text += f" (no answer within timeout_s={self.timeout_s:g}s)"
         # httpx messages may quote the URL; keep credentials of a base_url out of logs and errors
