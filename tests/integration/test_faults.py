@@ -131,3 +131,46 @@ def _assert_retry_after_honoured(proxy: FaultProxy, seconds: float) -> None:
         elif seen.repeat == 1:
             gaps.append(seen.at - first_seen[seen.digest])
     assert gaps and min(gaps) >= seconds, gaps
+
+
+def test_a_stage_whose_teacher_hangs_stops_with_words(
+    llama_server_spec: dict[str, Any], tmp_path: Path
+) -> None:
+    """``speed stage brainstorm`` with the teacher behind a hanging proxy: exit 2, one line naming the
+    endpoint and the timeout, no traceback, and the tries in the run's ledger as unanswered rows."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[2]
+    config = yaml.safe_load((root / "configs" / "quickstart.yaml").read_text())
+    with FaultProxy(llama_server_spec["base_url"], [Fault("hang")], seed=17) as proxy:
+        config["models"]["teacher"] = {
+            **{k: v for k, v in llama_server_spec.items() if k != "options"},
+            "base_url": proxy.base_url,
+            "timeout_s": 1.0,
+            "max_retries": 1,
+            "options": {**llama_server_spec["options"], "retry_initial_s": 0.1},
+        }
+        config["run"]["dir"] = str(tmp_path / "run")
+        config["brainstorm"] = {**config["brainstorm"], "kinds": ["retrieval"], "calls_per_kind": 1}
+        path = tmp_path / "config.yaml"
+        path.write_text(yaml.safe_dump(config))
+        proc = subprocess.run(
+            [sys.executable, "-m", "speed.cli", "stage", str(path), "brainstorm"],
+            capture_output=True,
+            text=True,
+            cwd=root,
+            timeout=300,
+        )
+        tries = len(proxy.log)
+    assert proc.returncode == 2, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("speed: error: ") and proxy.base_url in last and "timeout_s=1" in last, last
+    assert "Traceback" not in proc.stderr
+    ledger = Ledger(tmp_path / "run" / "ledger.sqlite", create=False)
+    totals = ledger.totals(role="teacher")
+    assert tries >= 2 and totals.calls == 0 and totals.attempts == tries
+    assert totals.failed["timeout"] == tries
+    assert all(r["response"] is None and r["error"].startswith("unanswered:") for r in ledger.rows())
