@@ -134,6 +134,13 @@ def _print_status(statuses: list[Any], run_dir: Path, cfg: SpeedConfig) -> None:
         )
     print(f"run {run_dir}")
     _print_table(rows)
+    sent = ledger.totals(role="teacher") if ledger else None
+    if sent and any(sent.failed.values()):
+        print(
+            f"teacher connection: {sent.attempts} tries for {sent.calls + sent.errors} requests; "
+            f"failed tries by cause: {_failed_words(sent.failed)}; {sent.errors} request(s) "
+            "unanswered or dropped (asked again when their stage reruns)"
+        )
     for s in statuses:
         if s.problem:
             print(f"{s.name}: damaged: {s.problem}; `speed run` redoes it")
@@ -141,6 +148,11 @@ def _print_status(statuses: list[Any], run_dir: Path, cfg: SpeedConfig) -> None:
         print(f"the call ledger {path} is empty (0 bytes): teacher calls cannot be counted")
     if ledger:
         ledger.close()
+
+
+def _failed_words(failed: dict[str, int]) -> str:
+    """``429: 3, timeout: 1``: the causes that happened, with their counts."""
+    return ", ".join(f"{cause}: {n}" for cause, n in failed.items() if n) or "none"
 
 
 def _print_table(rows: Sequence[Sequence[str]]) -> None:
@@ -192,12 +204,23 @@ def cmd_cost(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({**c, "budget": budget}, indent=2))
         return 0
-    rows = [("stage", "teacher calls", "tokens in", "tokens out", "errors")]
-    for stage, t in c["teacher_by_stage"].items():
-        rows.append((stage, str(t["calls"]), str(t["tokens_in"]), str(t["tokens_out"]), str(t["errors"])))
-    t = c["teacher_total"]
-    rows.append(("total", str(t["calls"]), str(t["tokens_in"]), str(t["tokens_out"]), str(t["errors"])))
+    rows = [("stage", "teacher calls", "tokens in", "tokens out", "errors", "tries", "failed tries")]
+    for stage, t in [*c["teacher_by_stage"].items(), ("total", c["teacher_total"])]:
+        rows.append(
+            (
+                stage,
+                str(t["calls"]),
+                str(t["tokens_in"]),
+                str(t["tokens_out"]),
+                str(t["errors"]),
+                str(t["attempts"]),
+                str(sum(t["failed_attempts"].values())),
+            )
+        )
     _print_table(rows)
+    t = c["teacher_total"]
+    if any(t["failed_attempts"].values()):
+        print(f"failed tries by cause: {_failed_words(t['failed_attempts'])}")
     spent = c["teacher_ledger_total"]
     if spent["calls"] != t["calls"]:
         print(f"the ledger holds {spent['calls']} teacher calls in all, superseded stage runs included")

@@ -18,7 +18,11 @@ Design choices:
 - When the backend fails mid-batch (or on Ctrl-C), the answers received before are recorded before
   the error propagates: paid calls are never lost.
 - A failed request is recorded with its error but never replayed: a rerun asks again. ``attempts``
-  accumulates over reruns.
+  accumulates over reruns, and so do the ``failed_*`` columns: the attempts that failed, by cause
+  (``failed_429``, ``failed_5xx``, ``failed_timeout``, ``failed_dropped``). A request the endpoint
+  never answered (retries ran out) is a row with its error and attempts, so every try sent is
+  counted. Ledgers made before these columns existed get them (0) when a run opens them; readers
+  of such a ledger see 0.
 - Only the request payload is stored: no endpoint URL, header or API key ever reaches the database.
 - Which calls a stage used is kept apart from the calls themselves (table ``uses``: stage key, call
   key), so a stage's manifest counts the calls behind its output, sent now or replayed, and not
@@ -40,7 +44,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from speed.io import read_json
-from speed.llm.base import Backend, Completion, OnReady, Request, gather
+from speed.llm.base import FAILURE_CAUSES, Backend, Completion, OnReady, Request, gather
 
 if TYPE_CHECKING:
     from speed.budget import Budget
@@ -70,6 +74,10 @@ CREATE TABLE IF NOT EXISTS uses (
     PRIMARY KEY (stage_key, call_key)
 );
 """
+
+
+#: columns counting the failed attempts of a call by cause, added to ``calls`` after the first release
+FAILURE_COLUMNS: dict[str, str] = {cause: f"failed_{cause}" for cause in FAILURE_CAUSES}
 
 
 def has_calls_table(conn: sqlite3.Connection) -> bool:
@@ -114,6 +122,16 @@ class Totals:
     tokens_out: int = 0
     errors: int = 0
     latency_s: float = 0.0
+    attempts: int = 0
+    failed_429: int = 0
+    failed_5xx: int = 0
+    failed_timeout: int = 0
+    failed_dropped: int = 0
+
+    @property
+    def failed(self) -> dict[str, int]:
+        """Attempts that failed, by cause (answered calls and errors alike)."""
+        return {cause: int(getattr(self, col)) for cause, col in FAILURE_COLUMNS.items()}
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -122,6 +140,8 @@ class Totals:
             "tokens_out": self.tokens_out,
             "errors": self.errors,
             "latency_s": round(self.latency_s, 3),
+            "attempts": self.attempts,
+            "failed_attempts": self.failed,
         }
 
 
@@ -155,6 +175,19 @@ class Ledger:
                     f"the call ledger '{self.path}' holds no call table (empty or never initialised); "
                     f"restore it from a backup, or delete it to start a new ledger knowingly"
                 )
+            have = {row[1] for row in conn.execute("PRAGMA table_info(calls)")}
+            if create:
+                for col in FAILURE_COLUMNS.values():
+                    if col not in have:  # a ledger from before failures were counted
+                        conn.execute(f"ALTER TABLE calls ADD COLUMN {col} INTEGER NOT NULL DEFAULT 0")
+                have.update(FAILURE_COLUMNS.values())
+        # the sums a query asks for; 0 for a column an old ledger opened read-only lacks
+        failed = ", ".join(f"SUM({{p}}{col})" if col in have else "0" for col in FAILURE_COLUMNS.values())
+        self._sums = (
+            "SUM({p}error IS NULL), SUM(CASE WHEN {p}error IS NULL THEN {p}tokens_in END), "
+            "SUM(CASE WHEN {p}error IS NULL THEN {p}tokens_out END), SUM({p}error IS NOT NULL), "
+            "SUM({p}latency_s), SUM({p}attempts), " + failed
+        )
 
     @contextmanager
     def _conn(self) -> Iterator[sqlite3.Connection]:
@@ -225,12 +258,7 @@ class Ledger:
             args.append(role)
         clause = f"WHERE {' AND '.join(where)}" if where else ""
         with self._conn() as conn:
-            row = conn.execute(
-                "SELECT SUM(error IS NULL), SUM(CASE WHEN error IS NULL THEN tokens_in END), "
-                "SUM(CASE WHEN error IS NULL THEN tokens_out END), SUM(error IS NOT NULL), "
-                f"SUM(latency_s) FROM calls {clause}",
-                args,
-            ).fetchone()
+            row = conn.execute(f"SELECT {self._sums.format(p='')} FROM calls {clause}", args).fetchone()
         return Totals(*(v or 0 for v in row))
 
     def totals_by_model(self, role: str) -> dict[str, Totals]:
@@ -248,9 +276,7 @@ class Ledger:
         """Totals per role over the calls a stage run (its key) used, sent or replayed."""
         with self._conn() as conn:
             rows = conn.execute(
-                "SELECT c.role, SUM(c.error IS NULL), SUM(CASE WHEN c.error IS NULL THEN c.tokens_in END), "
-                "SUM(CASE WHEN c.error IS NULL THEN c.tokens_out END), SUM(c.error IS NOT NULL), "
-                "SUM(c.latency_s) FROM uses u JOIN calls c ON c.key = u.call_key "
+                f"SELECT c.role, {self._sums.format(p='c.')} FROM uses u JOIN calls c ON c.key = u.call_key "
                 "WHERE u.stage_key = ? GROUP BY c.role ORDER BY c.role",
                 (stage_key,),
             ).fetchall()
@@ -292,20 +318,24 @@ class Ledger:
     ) -> None:
         """Store answers (or errors) in one transaction."""
         now = time.time()
+        cols = list(FAILURE_COLUMNS.values())
+        insert = f"""
+            INSERT INTO calls (key, stage, role, model, request, response, tokens_in,
+                               tokens_out, latency_s, attempts, error, created_at, updated_at,
+                               {", ".join(cols)})
+            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, {", ".join("?" * len(cols))})
+            ON CONFLICT(key) DO UPDATE SET
+                stage = excluded.stage, response = excluded.response,
+                tokens_in = excluded.tokens_in, tokens_out = excluded.tokens_out,
+                latency_s = calls.latency_s + excluded.latency_s,
+                attempts = calls.attempts + excluded.attempts,
+                {", ".join(f"{c} = calls.{c} + excluded.{c}" for c in cols)},
+                error = excluded.error, updated_at = excluded.updated_at
+        """
         with self._transaction() as conn:
             for key, req, comp in items:
                 conn.execute(
-                    """
-                    INSERT INTO calls (key, stage, role, model, request, response, tokens_in,
-                                       tokens_out, latency_s, attempts, error, created_at, updated_at)
-                    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-                    ON CONFLICT(key) DO UPDATE SET
-                        stage = excluded.stage, response = excluded.response,
-                        tokens_in = excluded.tokens_in, tokens_out = excluded.tokens_out,
-                        latency_s = calls.latency_s + excluded.latency_s,
-                        attempts = calls.attempts + excluded.attempts,
-                        error = excluded.error, updated_at = excluded.updated_at
-                    """,
+                    insert,
                     (
                         key,
                         stage,
@@ -320,6 +350,7 @@ class Ledger:
                         comp.error,
                         now,
                         now,
+                        *(int(comp.failures.get(cause, 0)) for cause in FAILURE_COLUMNS),
                     ),
                 )
 

@@ -137,8 +137,12 @@ def test_killed_mid_batch_fails_clearly_and_rerun_sends_only_the_missing(
     message = str(info.value)
     assert f"http://127.0.0.1:{port}/v1" in message and "3 attempt" in message
     done = ledger.totals().calls
-    assert 4 <= done < 8 and done % 2 == 0 and backend.sent == done
-    assert len(ledger.rows()) == done  # the chunk that failed left nothing half-recorded
+    assert 4 <= done < 8 and done % 2 == 0 and backend.sent == done + 1
+    # the request the dead server failed is a row with its error and its 3 tries, never an answer;
+    # the chunk that failed left nothing half-recorded
+    failed = [r for r in ledger.rows() if r["error"] is not None]
+    assert len(ledger.rows()) == done + 1 and len(failed) == 1
+    assert failed[0]["response"] is None and failed[0]["attempts"] == 3
 
     with LlamaCppServer(
         smollm2_gguf, threads=1, n_ctx=1024, port=port, alias="smollm2", log_path=tmp_path / "b.log"

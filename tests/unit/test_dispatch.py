@@ -77,12 +77,15 @@ def _prompt(row: dict[str, Any]) -> str:
 
 
 def _check_complete(path: Path) -> set[str]:
-    """Assert that every ledger row is a whole answer; return the prompts answered."""
+    """Assert that every ledger row is a whole answer or an error with no answer; return the prompts answered."""
     with closing(sqlite3.connect(path)) as conn:
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     prompts = set()
     for row in _rows(path):
         prompt = _prompt(row)
+        if row["error"] is not None:
+            assert row["response"] is None and row["attempts"] >= 1, row
+            continue
         comp = Completion.from_dict(json.loads(row["response"]))
         assert row["error"] is None and comp.texts == [f"answer to {prompt} #0 seed None"], row
         assert (row["tokens_in"], row["tokens_out"], row["attempts"]) == (7, 5, 1), row
@@ -231,7 +234,11 @@ def test_an_error_mid_batch_keeps_every_answer_received(server: FakeOpenAIServer
     recorded = _check_complete(path)
     # every answer the server gave, before the error or in flight with it, is in the ledger
     assert recorded == set(server.answered) and set(prompts[:6]) <= recorded
-    assert llm.sent == len(recorded)
+    # and so is the refused request, as an error with its one attempt, never as an answer
+    refused = [r for r in _rows(path) if r["error"] is not None]
+    assert [(_prompt(r), r["attempts"]) for r in refused] == [("unauthorized", 1)]
+    assert "HTTP 401" in refused[0]["error"]
+    assert llm.sent == len(recorded) + 1
 
     good = [p for p in prompts if p != "unauthorized"]
     before = Counter(server.hits)

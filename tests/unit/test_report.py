@@ -73,6 +73,8 @@ def test_teacher_costs_and_e5_comparison(full_run: Path) -> None:
         "tokens_out": 300,
         "errors": 0,
         "latency_s": 2.5,
+        "attempts": 5,
+        "failed_attempts": {"429": 0, "5xx": 0, "timeout": 0, "dropped": 0},
     }
     assert c["final_examples"] == FINAL
     assert c["teacher_calls_per_example"] == pytest.approx(TEACHER_CALLS / FINAL)
@@ -296,3 +298,40 @@ def test_report_of_a_real_runner_run(tmp_path: Path) -> None:
     assert [(st["name"], st["state"]) for st in s["stages"]] == [("numbers", "done"), ("total", "pending")]
     assert s["costs"]["teacher_by_stage"]["numbers"]["calls"] == 4
     assert s["stages"][0]["calls"]["teacher"]["tokens_in"] == 12
+
+
+def test_failed_tries_reach_the_report_cost_and_status(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from speed.cli import _print_status, main
+    from speed.io import read_json
+    from speed.ledger import Ledger
+    from speed.llm import Completion, Request
+
+    run = make_fake_run(tmp_path / "run")
+    ledger = Ledger(run / "ledger.sqlite")
+    req = Request.chat("a seed request that needed retries")
+    comp = Completion(texts=["ok"], tokens_in=3, tokens_out=2, attempts=4, failures={"429": 2, "timeout": 1})
+    key = req.key("teacher", "m")
+    ledger.record("seed", "teacher", "m", [(key, req, comp)])
+    ledger.use(read_json(run / "seed" / "manifest.json")["key"], [key])
+    ledger.close()
+    build_report(run)
+
+    c = _summary(run)["costs"]
+    assert c["teacher_by_stage"]["seed"]["failed_attempts"] == {
+        "429": 2,
+        "5xx": 0,
+        "timeout": 1,
+        "dropped": 0,
+    }
+    page = (run / "report.html").read_text(encoding="utf-8")
+    assert 'id="teacher-connection"' in page and "429 2, 5xx 0, timeout 1, dropped 0" in page
+
+    assert main(["cost", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "failed tries by cause: 429: 2, timeout: 1" in out
+    # speed status: its table, then the line on the teacher connection (the fake run has no config)
+    _print_status([], run, None)
+    out = capsys.readouterr().out
+    assert "failed tries by cause: 429: 2, timeout: 1" in out and "teacher connection:" in out

@@ -97,6 +97,11 @@ class Request:
         return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
+#: why an attempt of an HTTP request failed: rate limited (429), a server error (5xx), no answer
+#: within the timeout, or a connection refused, reset or closed before the whole answer came
+FAILURE_CAUSES: tuple[str, ...] = ("429", "5xx", "timeout", "dropped")
+
+
 @dataclass
 class Completion:
     """The answer to one request.
@@ -110,6 +115,8 @@ class Completion:
             the ledger but never replayed, so a rerun asks again.
         attempts: how many times the backend sent the request (retries included).
         latency_s: wall time spent on the request, retries included.
+        failures: the attempts that failed, by cause (see :data:`FAILURE_CAUSES`): an answered
+            request that needed two tries after a 429 has ``{"429": 1}``; the ledger sums them.
     """
 
     texts: list[str] = field(default_factory=list)
@@ -120,6 +127,7 @@ class Completion:
     attempts: int = 1
     latency_s: float = 0.0
     cached: bool = False
+    failures: dict[str, int] = field(default_factory=dict)
 
     @property
     def text(self) -> str:

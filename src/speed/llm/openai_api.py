@@ -11,12 +11,16 @@ Design choices:
   so ``concurrency`` requests stay in flight until the queue is empty (no wave waits for its slowest
   request), and :meth:`OpenAIBackend.generate_as_ready` reports each answer on the calling thread
   as it arrives, for the ledger to store at once.
-- Retries use tenacity (exponential backoff with jitter, honouring ``Retry-After``) on 429, 5xx,
-  timeouts and dropped connections. When retries run out the endpoint is taken as dead: the call
-  raises :class:`~speed.llm.base.BackendError` naming the endpoint (without credentials) and the last
-  error, and the other requests of the batch stop retrying at once. Answers that arrived before (or
-  that were already in flight and still arrive) are reported first: they are paid for. On Ctrl-C,
-  nothing more is sent and the answers already received are reported before the interrupt goes on.
+- Retries use tenacity (exponential backoff with jitter, honouring ``Retry-After`` in seconds or as
+  an HTTP date, capped at ``retry_max_s``) on 429, 5xx, timeouts and dropped connections. Every failed
+  attempt is counted by cause in ``Completion.failures`` (429, 5xx, timeout, dropped), which the
+  ledger sums. When retries run out the endpoint is taken as dead: the call raises
+  :class:`~speed.llm.base.BackendError` naming the endpoint (without credentials) and the last error,
+  and the other requests of the batch stop retrying at once. Answers that arrived before (or that
+  were already in flight and still arrive) are reported first: they are paid for. The request that
+  failed, and those stopped mid-retry, are reported too, as completions with ``error`` and their
+  attempts, so that the ledger counts every try sent. On Ctrl-C, nothing more is sent and the
+  answers already received are reported before the interrupt goes on.
 - A 200 answer that is not JSON, or has no usable ``choices``, becomes a completion with ``error``
   (a counted drop, retried on the next run because the ledger never replays errors). A 400/413/422
   rejects one request: also a drop. 401/403/404 mean a wrong key, URL or model name for every
@@ -33,6 +37,7 @@ Design choices:
 
 from __future__ import annotations
 
+import email.utils
 import logging
 import os
 import re
@@ -80,6 +85,15 @@ class _Aborted(Exception):
     """Another request of the batch found the endpoint dead."""
 
 
+class _Failed(Exception):
+    """A request that ended without an answer: what it cost (``comp``, with ``error``) and why."""
+
+    def __init__(self, comp: Completion, cause: BackendError | _Aborted):
+        super().__init__(comp.error)
+        self.comp = comp
+        self.cause = cause
+
+
 class _RateLimiter:
     """Spaces request starts evenly: at most ``rpm`` per minute over all threads."""
 
@@ -100,13 +114,28 @@ class _RateLimiter:
 
 
 def _retry_after(resp: httpx.Response) -> float | None:
+    """Seconds a ``Retry-After`` header asks to wait: a number, or an HTTP date (RFC 9110)."""
     value = resp.headers.get("retry-after")
     if not value:
         return None
     try:
         return max(0.0, float(value))
     except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
         return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _cause(err: BaseException) -> str:
+    """The cause an attempt failed of, one of :data:`~speed.llm.base.FAILURE_CAUSES`."""
+    if isinstance(err, _RetryableStatus):
+        return "429" if err.status == 429 else "5xx"
+    if isinstance(err, httpx.TimeoutException):
+        return "timeout"
+    return "dropped"  # refused, reset, or closed before the whole answer came
 
 
 class OpenAIBackend(Backend):
@@ -244,7 +273,12 @@ class OpenAIBackend(Backend):
         abort = threading.Event()
         if len(requests) == 1 or self.concurrency == 1:
             for i, req in enumerate(requests):
-                on_ready([(i, self._one(req, abort))])
+                try:
+                    comp = self._one(req, abort)
+                except _Failed as failed:
+                    on_ready([(i, failed.comp)])  # its tries count, though nothing came of them
+                    raise failed.cause from None
+                on_ready([(i, comp)])
             return
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="speed-http")
@@ -266,7 +300,12 @@ class OpenAIBackend(Backend):
                     err = fut.exception()
                     if err is None:
                         ready.append((index[fut], fut.result()))
-                    elif not isinstance(err, _Aborted) and failure is None:
+                        continue
+                    if isinstance(err, _Failed):
+                        if err.comp.attempts:
+                            ready.append((index[fut], err.comp))  # tries sent count, unanswered
+                        err = err.cause
+                    if not isinstance(err, _Aborted) and failure is None:
                         # the first real failure wins; queued requests are dropped, those in flight
                         # stop retrying, and answers still arriving are reported below
                         failure = err
@@ -292,11 +331,15 @@ class OpenAIBackend(Backend):
         self, index: dict[Future[Completion], int], reported: set[int], on_ready: OnReady
     ) -> None:
         """Report the answers that arrived but were not reported yet, when a batch is cut short."""
-        late = [
-            (i, fut.result())
-            for fut, i in index.items()
-            if i not in reported and fut.done() and not fut.cancelled() and fut.exception() is None
-        ]
+        late: list[tuple[int, Completion]] = []
+        for fut, i in index.items():
+            if i in reported or not fut.done() or fut.cancelled():
+                continue
+            err = fut.exception()
+            if err is None:
+                late.append((i, fut.result()))
+            elif isinstance(err, _Failed) and err.comp.attempts:
+                late.append((i, err.comp))
         late.sort(key=lambda pair: pair[0])
         if not late:
             return
@@ -345,11 +388,30 @@ class OpenAIBackend(Backend):
         return body
 
     def _one(self, req: Request, abort: threading.Event) -> Completion:
+        """One request, all its samples; raises :class:`_Failed` (with what it cost) when it fails."""
         if abort.is_set():
             raise _Aborted
         start = time.monotonic()
-        n = req.sampling.n
         comp = Completion(attempts=0)
+        try:
+            self._ask(req, abort, comp)
+        except (BackendError, _Aborted) as err:
+            comp.error = (
+                f"unanswered: {err}"
+                if isinstance(err, BackendError)
+                else f"unanswered: stopped after {comp.attempts} attempt(s), the endpoint was found dead"
+            )
+            comp.texts, comp.finish_reasons = [], []
+            comp.latency_s = time.monotonic() - start
+            raise _Failed(comp, err) from None
+        if comp.error:
+            comp.texts, comp.finish_reasons = [], []
+        comp.latency_s = time.monotonic() - start
+        return comp
+
+    def _ask(self, req: Request, abort: threading.Event, comp: Completion) -> None:
+        """Fill ``comp`` with the samples of ``req``, or with the reason they could not be had."""
+        n = req.sampling.n
         seed = req.sampling.seed
         while len(comp.texts) < n:
             missing = n - len(comp.texts)
@@ -358,8 +420,7 @@ class OpenAIBackend(Backend):
                 ask = min(ask, self.max_n)
             call_seed = None if seed is None else seed + len(comp.texts)
             sent_mode = self.schema_mode
-            data, tries = self._post(self._body(req, ask, call_seed), abort)
-            comp.attempts += tries
+            data = self._post(self._body(req, ask, call_seed), abort, comp)
             if isinstance(data, str) and self._schema_refused(req, data, sent_mode):
                 continue  # asked again with the schema in the form the server knows
             if isinstance(data, str):
@@ -379,10 +440,6 @@ class OpenAIBackend(Backend):
                         ask,
                         got,
                     )
-        if comp.error:
-            comp.texts, comp.finish_reasons = [], []
-        comp.latency_s = time.monotonic() - start
-        return comp
 
     def _schema_refused(self, req: Request, reason: str, sent_mode: str) -> bool:
         """Whether a rejection was of the ``json_schema`` form (then switch to ``json_object``)."""
@@ -443,11 +500,19 @@ class OpenAIBackend(Backend):
         if exc is None:
             return "no error"
         text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        if isinstance(exc, _RetryableStatus):
+            text = str(exc)  # "HTTP 503: <body>": the class name is ours, not the user's business
+        if isinstance(exc, httpx.TimeoutException):
+            text += f" (no answer within timeout_s={self.timeout_s:g}s)"
         # httpx messages may quote the URL; keep credentials of a base_url out of logs and errors
         return text.replace(self.base_url, self.endpoint)
 
-    def _post(self, body: dict[str, Any], abort: threading.Event) -> tuple[dict[str, Any] | str, int]:
-        """POST one body with retries: the parsed answer, or a drop reason; and the tries made."""
+    def _post(self, body: dict[str, Any], abort: threading.Event, comp: Completion) -> dict[str, Any] | str:
+        """POST one body with retries: the parsed answer, or a drop reason.
+
+        Every try is added to ``comp.attempts`` and every failed one to ``comp.failures`` by cause,
+        also when the tries run out (then :class:`BackendError`) or the batch is aborted.
+        """
         retrying = tenacity.Retrying(
             stop=tenacity.stop_after_attempt(self.max_retries + 1) | tenacity.stop_when_event_set(abort),
             wait=self._wait,
@@ -463,10 +528,16 @@ class OpenAIBackend(Backend):
                         raise _Aborted
                     tries = attempt.retry_state.attempt_number
                     self._limiter.acquire()
-                    resp = self._client.post(f"{self.base_url}/chat/completions", json=body)
-                    status = resp.status_code
-                    if status == 429 or status >= 500:
-                        raise _RetryableStatus(status, resp.text, _retry_after(resp))
+                    comp.attempts += 1
+                    try:
+                        resp = self._client.post(f"{self.base_url}/chat/completions", json=body)
+                        status = resp.status_code
+                        if status == 429 or status >= 500:
+                            raise _RetryableStatus(status, resp.text, _retry_after(resp))
+                    except (_RetryableStatus, httpx.TransportError) as err:
+                        cause = _cause(err)
+                        comp.failures[cause] = comp.failures.get(cause, 0) + 1
+                        raise
         except (_RetryableStatus, httpx.TransportError) as err:
             if abort.is_set():
                 raise _Aborted from err
@@ -481,12 +552,12 @@ class OpenAIBackend(Backend):
                 f"{resp.text[:300]}. Check base_url, the model name and the API key variable."
             )
         if status >= 400:
-            return f"rejected: HTTP {status}: {resp.text[:300]}", tries
+            return f"rejected: HTTP {status}: {resp.text[:300]}"
         try:
             data = resp.json()
         except ValueError:
             snippet = resp.text[:80].replace("\n", " ")
-            return f"garbage: the answer is not JSON ({snippet!r})", tries
+            return f"garbage: the answer is not JSON ({snippet!r})"
         if not isinstance(data, dict):
-            return f"garbage: the answer is JSON {type(data).__name__}, not an object", tries
-        return data, tries
+            return f"garbage: the answer is JSON {type(data).__name__}, not an object"
+        return data
