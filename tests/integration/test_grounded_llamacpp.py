@@ -71,7 +71,7 @@ corpus:
   title_field: title
   chunk_tokens: 120
   chunk_overlap: 20
-brainstorm: {{kinds: [retrieval], calls_per_kind: 2, tasks_per_call: 3}}
+brainstorm: {{kinds: [retrieval], calls_per_kind: 1, tasks_per_call: 3}}
 seed: {{num_examples: {PROMPTS}, kind_mix: {{retrieval: 1}}}}
 """
     )

@@ -11,6 +11,10 @@ Design choices:
   candidates and revisions draw different prompts from the same distribution; prompts already used
   upstream are skipped, so the junior and senior are judged and revised on prompts they were not
   trained on.
+- With a ``corpus`` configured, the prompts of its ``grounded_kinds`` are drawn the same way but
+  built on a passage of the corpus sample (:class:`Grounding`): the row's kind is then the grounded
+  variant (``retrieval_grounded``, :mod:`speed.tasks.grounded`), so every later stage parses and
+  revises it by its own schema. Without a corpus the draws are exactly SPEED's.
 - Every LLM call goes through ``ctx.llm`` (the ledger), with a per-request seed from
   ``ctx.seed_for``. A stage hands all its requests to the backend at once (:func:`generate_all`),
   which keeps as many in flight as its engine takes; the ledger stores each answer as it arrives, so

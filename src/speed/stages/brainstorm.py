@@ -88,8 +88,7 @@ class Brainstorm(Stage):
             path = TAXONOMY_PATH if cfg.topics.source == "builtin" else Path(cfg.topics.source)
             if path.is_file():
                 hashes["topics:file"] = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-        brainstormed = [k for k in cfg.brainstorm.kinds if k not in ("sts", "bitext")]
-        return {**hashes, **corpus_hashes(cfg, brainstormed)}
+        return {**hashes, **corpus_hashes(cfg, cfg.brainstorm.kinds)}
 
     def check(self, ctx: StageContext) -> None:
         from speed.tasks import get_kind
