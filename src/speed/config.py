@@ -556,6 +556,81 @@ class BrainstormConfig(Section):
     )
 
 
+#: the kinds whose generation prompts can be built on a corpus passage (:mod:`speed.tasks.grounded`)
+GroundableKind = Literal["retrieval", "matching_short", "matching_long"]
+GROUNDABLE_KINDS: list[GroundableKind] = ["retrieval", "matching_short", "matching_long"]
+
+
+class CorpusConfig(Section):
+    """The user's documents: generation grounded on them (InPars / Promptagator style; opt-in).
+
+    With ``paths`` empty (the default) the run is SPEED's, every example invented by the generators.
+    With a corpus, the prompts of ``grounded_kinds`` show a sampled passage, the generator writes the
+    query (and hard negative) for it, and the passage itself is the positive; brainstorming of those
+    kinds is conditioned on corpus excerpts. See :mod:`speed.corpus`.
+    """
+
+    paths: list[str] = Field(
+        default_factory=list,
+        description="JSONL, Parquet or plain-text files, or folders of them (searched recursively); "
+        "~ and $VARS are expanded, and an unset $SPEED_EVAL_DIR is the evaluation data folder. Empty: "
+        "no corpus (ungrounded SPEED).",
+    )
+    id_field: str = Field("id", description="Field of a JSONL / Parquet record holding the document id.")
+    text_field: str = Field("text", description="Field holding the document text.")
+    title_field: str | None = Field(None, description="Field holding the title (optional).")
+    encoding: str = Field("utf-8", description="Text encoding of JSONL and plain-text files.")
+    tokenizer: str | None = Field(
+        None,
+        description="Tokens that chunk_tokens counts: None: whitespace-separated words; or a tokenizer "
+        "(a packaged model name, a hub name or a folder), e.g. the embedder's.",
+    )
+    chunk_tokens: StrictInt = Field(
+        256, gt=0, description="Longest passage, in tokens; longer documents are split."
+    )
+    chunk_overlap: StrictInt = Field(32, ge=0, description="Tokens two consecutive passages share.")
+    min_tokens: StrictInt = Field(
+        8, ge=1, description="Passages with fewer tokens are dropped (counted as too_short)."
+    )
+    sample_size: StrictInt | None = Field(
+        None, gt=0, description="Passages drawn (with the run seed) for generation; None: all of them."
+    )
+    grounded_kinds: list[GroundableKind] = Field(
+        default_factory=lambda: list(GROUNDABLE_KINDS),
+        description="Kinds whose prompts are built on a passage (the others stay ungrounded).",
+    )
+    brainstorm_passages: StrictInt = Field(
+        3, gt=0, description="Corpus excerpts shown in each brainstorm call of a grounded kind."
+    )
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, value: str) -> str:
+        import codecs
+
+        try:
+            codecs.lookup(value)
+        except LookupError:
+            raise ValueError(
+                f"unknown text encoding '{value}'; write a Python codec name such as utf-8 or latin-1"
+            ) from None
+        return value
+
+    @model_validator(mode="after")
+    def _overlap_below_chunk(self) -> CorpusConfig:
+        if self.chunk_overlap >= self.chunk_tokens:
+            raise ValueError(
+                f"corpus.chunk_overlap ({self.chunk_overlap}) must be smaller than corpus.chunk_tokens "
+                f"({self.chunk_tokens}); lower the overlap"
+            )
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        """Whether a corpus is configured (generation is grounded)."""
+        return bool(self.paths)
+
+
 #: compute precision: bf16 or fp32, or auto (bf16 where the device has bf16 units)
 Precision = Literal["auto", "bf16", "fp32"]
 
@@ -772,6 +847,7 @@ class SpeedConfig(Section):
     executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
     models: ModelsConfig = Field(default_factory=ModelsConfig)
     topics: TopicsConfig = Field(default_factory=TopicsConfig)
+    corpus: CorpusConfig = Field(default_factory=CorpusConfig)
     brainstorm: BrainstormConfig = Field(default_factory=BrainstormConfig)
     seed: SeedConfig = Field(default_factory=SeedConfig)
     junior: SFTConfig = Field(default_factory=SFTConfig)

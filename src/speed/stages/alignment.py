@@ -11,6 +11,10 @@ Design choices:
   candidates and revisions draw different prompts from the same distribution; prompts already used
   upstream are skipped, so the junior and senior are judged and revised on prompts they were not
   trained on.
+- With a ``corpus`` configured, the prompts of its ``grounded_kinds`` are drawn the same way but
+  built on a passage of the corpus sample (:class:`Grounding`): the row's kind is then the grounded
+  variant (``retrieval_grounded``, :mod:`speed.tasks.grounded`), so every later stage parses and
+  revises it by its own schema. Without a corpus the draws are exactly SPEED's.
 - Every LLM call goes through ``ctx.llm`` (the ledger), with a per-request seed from
   ``ctx.seed_for``. A stage hands all its requests to the backend at once (:func:`generate_all`),
   which keeps as many in flight as its engine takes; the ledger stores each answer as it arrives, so
@@ -153,6 +157,7 @@ def sample_prompts(
     language: str = "English",
     exclude: Iterable[str] = (),
     max_tries_factor: int = 20,
+    grounding: Grounding | None = None,
 ) -> tuple[list[GenPrompt], int]:
     """Draw ``n`` distinct generation prompts that are not in ``exclude``.
 
@@ -165,6 +170,9 @@ def sample_prompts(
         exclude: prompts used before (the seed's, the candidates'), never drawn again.
         max_tries_factor: give up after ``n * max_tries_factor`` draws (a small pool runs out of
             distinct prompts); fewer than ``n`` prompts are then returned.
+        grounding: the corpus sample and the kinds grounded on it (:func:`grounding`): a prompt of
+            such a kind is its grounded variant's, built on a passage drawn from ``rng``; None (no
+            corpus): every prompt is SPEED's, drawn exactly as before.
 
     Returns:
         The prompts and the number of draws rejected as repeats.
@@ -187,13 +195,16 @@ def sample_prompts(
         name = weighted_choice(rng, weights)
         kind = get_kind(name)
         task = rng.choice(list(pool[name]))
-        attributes = kind.sample_attributes(rng, language)
+        if grounding is not None and name in grounding.kinds:
+            kind, attributes = grounding.draw(name, rng, language)
+        else:
+            attributes = kind.sample_attributes(rng, language)
         prompt = kind.generation_prompt(task, attributes)
         if prompt in seen:
             repeats += 1
             continue
         seen.add(prompt)
-        out.append(GenPrompt(name, task, attributes, prompt))
+        out.append(GenPrompt(kind.name, task, attributes, prompt))
     if len(out) < n:
         logger.warning(
             "only %d distinct new prompts after %d draws (%d wanted): the task pool is small",
@@ -202,6 +213,76 @@ def sample_prompts(
             n,
         )
     return out, repeats
+
+
+# --------------------------------------------------------------------------------------------
+# grounding on the user's corpus
+
+
+@dataclass(frozen=True)
+class Grounding:
+    """The corpus sample that prompts are grounded on, and the kinds that are grounded.
+
+    Attributes:
+        passages: the sampled passages (rows ``{"id", "text", "title"}``), in corpus order.
+        kinds: names of the base kinds whose prompts are built on a passage.
+    """
+
+    passages: tuple[dict[str, Any], ...]
+    kinds: frozenset[str]
+
+    def draw(self, name: str, rng: random.Random, language: str) -> tuple[TaskKind, dict[str, Any]]:
+        """The grounded variant of kind ``name`` and the attributes of one prompt: the kind's
+        attributes, then a passage, both drawn from ``rng``."""
+        from speed.tasks.grounded import grounded_kind
+
+        kind = grounded_kind(name)
+        attributes = kind.sample_attributes(rng, language)
+        return kind, kind.ground(attributes, rng.choice(self.passages))
+
+
+def grounding(ctx: StageContext) -> Grounding | None:
+    """The run's grounding, preparing its corpus if needed (:func:`speed.corpus.prepare`, cached in
+    ``RUN/corpus``); None without a corpus.
+
+    Raises:
+        speed.corpus.CorpusError: the corpus cannot be read (a ConfigError naming the field).
+    """
+    ccfg = ctx.cfg.corpus
+    if not ccfg.enabled:
+        return None
+    from speed.corpus import load_sample, prepare
+
+    prepare(ccfg, ctx.cfg.run.seed, ctx.run_dir, ctx.cfg.evaluate.data_dir)
+    passages = tuple(p.to_row() for p in load_sample(ctx.run_dir))
+    return Grounding(passages, frozenset(ccfg.grounded_kinds))
+
+
+def grounded_kinds(cfg: SpeedConfig, kinds: Iterable[str]) -> list[str]:
+    """Those of ``kinds`` whose prompts are grounded under ``cfg`` (none without a corpus)."""
+    if not cfg.corpus.enabled:
+        return []
+    return [k for k in kinds if k in cfg.corpus.grounded_kinds]
+
+
+def corpus_hashes(cfg: SpeedConfig, kinds: Iterable[str]) -> dict[str, str]:
+    """Key parts of a stage that grounds prompts of ``kinds``: the grounded templates' hashes and the
+    corpus fingerprint (:func:`speed.corpus.fingerprint`); empty without a corpus, so that runs
+    without one keep their keys.
+
+    Raises:
+        speed.corpus.CorpusError: a corpus path does not exist (before any stage runs).
+    """
+    names = grounded_kinds(cfg, kinds)
+    if not names:
+        return {}
+    from speed.corpus import fingerprint
+    from speed.tasks import template_hash
+    from speed.tasks.grounded import grounded_kind
+
+    hashes = {t: template_hash(t) for k in names for t in grounded_kind(k).template_names()}
+    hashes["corpus"] = fingerprint(cfg.corpus, cfg.run.seed, cfg.evaluate.data_dir)
+    return hashes
 
 
 # --------------------------------------------------------------------------------------------
@@ -349,7 +430,9 @@ def parse_example(
         if counter is not None:
             counter.drop(reason, result.detail)
         return None, reason, result.detail
-    failed = first_failure(result.value, kind, attributes, filters, counter)
+    # the whole example: a grounded one's positive is its passage, which the filters must see (a
+    # query copied from it, a negative that repeats it)
+    failed = first_failure(kind.complete(result.value, attributes), kind, attributes, filters, counter)
     if failed is not None:
         return None, failed, ""
     return result.value, None, ""

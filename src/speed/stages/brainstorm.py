@@ -10,6 +10,11 @@ Output ``data.jsonl``: one row per task, ``{kind, task, topic}``. Kinds that are
 file is the one task pool of the run. ``calls.jsonl`` keeps every call's topic, raw output, parsed
 tasks and drop reason.
 
+With a ``corpus`` configured, the kinds of ``corpus.grounded_kinds`` are brainstormed on the corpus
+instead of topics: each call shows ``corpus.brainstorm_passages`` excerpts of sampled passages and
+asks for tasks that fit documents like these, so that the instructions of grounded examples fit the
+user's domain; ``topic`` is then ``corpus: ID, ID, ...`` (the excerpts shown).
+
 Design choices:
 - SPEED found one task per topic better than five (MTEB 62.6 vs 60.9), so by default one of the
   distinct new tasks of a call is kept (``keep_per_call``), drawn with the stage's seeded rng.
@@ -31,7 +36,15 @@ from typing import Any
 
 from speed.io import write_jsonl
 from speed.stage import Stage, StageContext, StageError, register
-from speed.stages.alignment import chat, generate_all, kind_templates, sampling
+from speed.stages.alignment import (
+    chat,
+    corpus_hashes,
+    generate_all,
+    grounded_kinds,
+    grounding,
+    kind_templates,
+    sampling,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +88,7 @@ class Brainstorm(Stage):
             path = TAXONOMY_PATH if cfg.topics.source == "builtin" else Path(cfg.topics.source)
             if path.is_file():
                 hashes["topics:file"] = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-        return hashes
+        return {**hashes, **corpus_hashes(cfg, cfg.brainstorm.kinds)}
 
     def check(self, ctx: StageContext) -> None:
         from speed.tasks import get_kind
@@ -88,6 +101,7 @@ class Brainstorm(Stage):
                 load_topics(ctx.cfg.topics.source, ctx.cfg.topics.max_depth)
             except (OSError, ValueError) as err:
                 raise StageError(f"stage 'brainstorm': {err}") from None
+        grounding(ctx)  # an unreadable corpus fails here, before the first call
 
     def topics(self, ctx: StageContext, llm: Any) -> list[str]:
         """The topic list: the taxonomy, or the teacher's subtopics of ``topics.domain``."""
@@ -121,6 +135,20 @@ class Brainstorm(Stage):
         (ctx.out / "subtopics.txt").write_text("\n".join(subtopics) + "\n", encoding="utf-8")
         return domain_topics(tcfg.domain, subtopics)
 
+    def corpus_calls(self, ctx: StageContext, name: str, passages: Any) -> tuple[list[str], list[str]]:
+        """The topics (``corpus: ID, ...``) and prompts of kind ``name``'s calls on corpus excerpts."""
+        from speed.tasks.grounded import grounded_kind
+
+        bcfg, ccfg = ctx.cfg.brainstorm, ctx.cfg.corpus
+        rng = ctx.rng(f"corpus/{name}")
+        kind = grounded_kind(name)
+        topics, prompts = [], []
+        for _ in range(bcfg.calls_per_kind):
+            shown = rng.sample(list(passages), min(ccfg.brainstorm_passages, len(passages)))
+            topics.append("corpus: " + ", ".join(str(p["id"]) for p in shown))
+            prompts.append(kind.brainstorm_prompt_on(shown, bcfg.tasks_per_call))
+        return topics, prompts
+
     def run(self, ctx: StageContext) -> dict[str, Any]:
         from speed.data.filters import DropCounter, placeholder_in
         from speed.tasks import get_kind
@@ -129,6 +157,8 @@ class Brainstorm(Stage):
         bcfg = ctx.cfg.brainstorm
         spec = ctx.cfg.models.teacher
         llm = ctx.llm("teacher")
+        ground = grounding(ctx)
+        on_corpus = set(grounded_kinds(ctx.cfg, bcfg.kinds))
         topics = self.topics(ctx, llm)
         pick = ctx.rng("keep")
         counter = DropCounter("brainstorm")
@@ -142,14 +172,14 @@ class Brainstorm(Stage):
                     rows.append({"kind": name, "task": task, "topic": None})
                 per_kind[name] = len(kind.fixed_tasks)
                 continue
-            drawn = sample_topics(topics, bcfg.calls_per_kind, ctx.rng(f"topics/{name}"))
+            if ground is not None and name in on_corpus:
+                drawn, prompts = self.corpus_calls(ctx, name, ground.passages)
+            else:
+                drawn = sample_topics(topics, bcfg.calls_per_kind, ctx.rng(f"topics/{name}"))
+                prompts = [kind.brainstorm_prompt(topic, bcfg.tasks_per_call) for topic in drawn]
             requests = [
-                chat(
-                    kind.brainstorm_prompt(topic, bcfg.tasks_per_call),
-                    sampling(spec, seed=ctx.seed_for(name, i)),
-                    schema=tasks_schema(),
-                )
-                for i, topic in enumerate(drawn)
+                chat(prompt, sampling(spec, seed=ctx.seed_for(name, i)), schema=tasks_schema())
+                for i, prompt in enumerate(prompts)
             ]
             comps = generate_all(ctx, llm, requests, f"{name} tasks")
             seen: set[str] = set()

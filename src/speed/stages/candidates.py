@@ -21,6 +21,8 @@ from speed.stage import StageContext, register
 from speed.stages.alignment import (
     chat,
     check_pool,
+    corpus_hashes,
+    grounding,
     kind_templates,
     mix_kinds,
     require_rows,
@@ -46,6 +48,9 @@ class Candidates(GenerationStage):
     def template_names(self, cfg: Any) -> tuple[str, ...]:
         return tuple(kind_templates(mix_kinds(cfg), generate=True))
 
+    def template_hashes(self, cfg: Any) -> dict[str, str]:
+        return {**super().template_hashes(cfg), **corpus_hashes(cfg, mix_kinds(cfg))}
+
     def check(self, ctx: StageContext) -> None:
         check_pool(
             task_pool(require_rows(ctx, "brainstorm", ("kind", "task"))), mix_kinds(ctx.cfg), "candidates"
@@ -58,7 +63,13 @@ class Candidates(GenerationStage):
         pool = task_pool(require_rows(ctx, "brainstorm", ("kind", "task")))
         used = {r["prompt"] for r in require_rows(ctx, "seed", ("prompt",))}
         prompts, repeats = sample_prompts(
-            pool, ccfg.num_prompts, ctx.cfg.seed.kind_mix, ctx.rng("prompts"), ctx.cfg.seed.language, used
+            pool,
+            ccfg.num_prompts,
+            ctx.cfg.seed.kind_mix,
+            ctx.rng("prompts"),
+            ctx.cfg.seed.language,
+            used,
+            grounding=grounding(ctx),
         )
         # the ledger names the junior by its folder in the run; the junior's key in the seed makes a
         # retrained junior's requests new ones instead of replays of the old junior's answers

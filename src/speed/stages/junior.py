@@ -23,10 +23,14 @@ logger = logging.getLogger(__name__)
 
 
 def sft_rows(seed_rows: list[dict[str, Any]]) -> list[dict[str, str]]:
-    """(generation prompt, example JSON) pairs from seed rows."""
-    from speed.tasks import example_json
+    """(generation prompt, example JSON) pairs from seed rows; the completion is what the teacher
+    wrote (a grounded example's positive is the passage its prompt shows, never written)."""
+    from speed.tasks import example_json, get_kind
 
-    return [{"prompt": r["prompt"], "completion": example_json(r["example"])} for r in seed_rows]
+    return [
+        {"prompt": r["prompt"], "completion": example_json(get_kind(r["kind"]).generated(r["example"]))}
+        for r in seed_rows
+    ]
 
 
 class SFTStage(Stage):

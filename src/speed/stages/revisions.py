@@ -38,6 +38,8 @@ from speed.stages.alignment import (
     build_filters,
     chat,
     check_pool,
+    corpus_hashes,
+    grounding,
     kind_templates,
     mix_kinds,
     normalize,
@@ -121,6 +123,9 @@ class Revisions(GenerationStage):
     def template_names(self, cfg: Any) -> tuple[str, ...]:
         return (REVISE_TEMPLATE, *kind_templates(mix_kinds(cfg), generate=True))
 
+    def template_hashes(self, cfg: Any) -> dict[str, str]:
+        return {**super().template_hashes(cfg), **corpus_hashes(cfg, mix_kinds(cfg))}
+
     def check(self, ctx: StageContext) -> None:
         check_pool(
             task_pool(require_rows(ctx, "brainstorm", ("kind", "task"))), mix_kinds(ctx.cfg), "revisions"
@@ -133,7 +138,13 @@ class Revisions(GenerationStage):
         used = {r["prompt"] for r in require_rows(ctx, "seed", ("prompt",))}
         used |= {r["prompt"] for r in require_rows(ctx, "candidates", ("prompt",))}
         prompts, _ = sample_prompts(
-            pool, rcfg.num_prompts, ctx.cfg.seed.kind_mix, ctx.rng("prompts"), ctx.cfg.seed.language, used
+            pool,
+            rcfg.num_prompts,
+            ctx.cfg.seed.kind_mix,
+            ctx.rng("prompts"),
+            ctx.cfg.seed.language,
+            used,
+            grounding=grounding(ctx),
         )
         # the senior's key in the seed: a retrained senior is asked anew, not replayed (the ledger
         # names it by its folder in the run)
@@ -193,7 +204,9 @@ class Revisions(GenerationStage):
                 records[i] = record(base, result.reason or "unparseable", result.detail)
                 continue
             revised = result.value.revised
-            failed = first_failure(revised, kind, base["attributes"], filters)
+            failed = first_failure(
+                kind.complete(revised, base["attributes"]), kind, base["attributes"], filters
+            )
             if failed is not None:
                 records[i] = record({**base, "revised": revised.model_dump()}, failed)
                 continue

@@ -9,8 +9,14 @@ against the kind's pydantic schema and filters it; the driver then near-deduplic
 examples across shards, in shard order.
 
 Output ``data.jsonl``: ``{kind, task, attributes, prompt, raw, example}`` per kept example (``raw``
-is the teacher's text, ``example`` the parsed fields). ``dropped.jsonl`` holds the rest with their
+is the teacher's text, ``example`` the whole example). ``dropped.jsonl`` holds the rest with their
 reason; ``stats["drops"]`` counts them by reason.
+
+With a ``corpus`` configured, prompts of its ``grounded_kinds`` are built on a sampled passage
+(:mod:`speed.tasks.grounded`): their rows carry the grounded kind (``retrieval_grounded``), the
+passage in ``attributes["passage"]``, and an ``example`` whose positive is that passage; the junior
+is trained on what the teacher wrote, and near-dedup compares that too (two queries written for one
+passage are not duplicates).
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ from speed.stages.alignment import (
     build_filters,
     chat,
     check_pool,
+    corpus_hashes,
+    grounding,
     kind_templates,
     mix_kinds,
     parse_example,
@@ -53,16 +61,30 @@ class Seed(GenerationStage):
     def template_names(self, cfg: Any) -> tuple[str, ...]:
         return tuple(kind_templates(mix_kinds(cfg), generate=True))
 
+    def template_hashes(self, cfg: Any) -> dict[str, str]:
+        return {**super().template_hashes(cfg), **corpus_hashes(cfg, mix_kinds(cfg))}
+
     def check(self, ctx: StageContext) -> None:
         rows = require_rows(ctx, "brainstorm", ("kind", "task"))
         check_pool(task_pool(rows), mix_kinds(ctx.cfg), "seed")
+        grounding(ctx)  # an unreadable corpus fails here, before the first call
 
     def plan(self, ctx: StageContext) -> Plan:
         scfg = ctx.cfg.seed
         pool = task_pool(require_rows(ctx, "brainstorm", ("kind", "task")))
-        prompts, _ = sample_prompts(pool, scfg.num_examples, scfg.kind_mix, ctx.rng("prompts"), scfg.language)
+        prompts, _ = sample_prompts(
+            pool,
+            scfg.num_examples,
+            scfg.kind_mix,
+            ctx.rng("prompts"),
+            scfg.language,
+            grounding=grounding(ctx),
+        )
         items = [{**p.to_row(), "seed": ctx.seed_for(i)} for i, p in enumerate(prompts)]
-        return Plan.of_items(items, self.shard_size, requested=len(items))
+        stats: dict[str, Any] = {"requested": len(items)}
+        if ctx.cfg.corpus.enabled:
+            stats["grounded"] = sum("passage" in p.attributes for p in prompts)
+        return Plan.of_items(items, self.shard_size, **stats)
 
     def process(self, job: Job, payload: list[dict[str, Any]]) -> dict[str, Any]:
         from speed.tasks import get_kind
@@ -87,14 +109,16 @@ class Seed(GenerationStage):
             if example is None:
                 records.append(record(row, reason, detail))
             else:
-                records.append(record({**row, "example": example.model_dump()}))
+                records.append(record({**row, "example": kind.complete(example, item["attributes"])}))
         return {"records": records}
 
     def accept(self, ctx: StageContext) -> Callable[[dict[str, Any]], str | None]:
         from speed.data.dedup import MinHashDeduplicator, example_text
+        from speed.tasks import get_kind
 
         dedup = MinHashDeduplicator(threshold=ctx.cfg.seed.dedup_threshold, seed=ctx.cfg.run.seed)
-        return lambda row: dedup.check(example_text(row["example"]))
+        # what the teacher wrote: a grounded example's positive is a corpus passage, shared by design
+        return lambda row: dedup.check(example_text(get_kind(row["kind"]).generated(row["example"])))
 
     def summarize(
         self, ctx: StageContext, kept: list[dict[str, Any]], dropped: list[dict[str, Any]], plan: Plan

@@ -40,6 +40,11 @@ Design choices:
   used when it parses as the kind's schema;
   otherwise the senior's parsed example is kept (``revised`` false, counted in
   ``stats["revisions"]["unparsed"]``), so a weak revisor never costs an example.
+- With a ``corpus``, prompts of its ``grounded_kinds`` are built on a passage (drawn on the driver,
+  carried by the shard): the row's kind is the grounded variant (``retrieval_grounded``), the senior
+  and the revisor write only the query side (and the hard negative), and the training row's
+  positive is the passage itself (:meth:`speed.tasks.grounded.GroundedKind.complete`). Filters see
+  the whole example; dedup and decontamination see what was generated (the passage is the user's).
 - Requests carry a per-prompt seed (``ctx.seed_for``) that includes the senior's (revisor's) stage
   key, so a retrained model is asked anew rather than replayed. The kind's JSON schema goes with
   each request (``synthesize.json_schema``, on by default): engines that constrain decoding to it
@@ -64,7 +69,14 @@ from speed.executors.base import Shard
 from speed.io import atomic_write, read_jsonl
 from speed.llm.base import Request, Sampling
 from speed.stage import StageContext, StageError, register
-from speed.stages.alignment import kind_templates, require_rows, revisor_prompt, task_pool
+from speed.stages.alignment import (
+    corpus_hashes,
+    grounding,
+    kind_templates,
+    require_rows,
+    revisor_prompt,
+    task_pool,
+)
 from speed.stages.generation import GenerationStage, Job, Plan, shard_id
 
 logger = logging.getLogger(__name__)
@@ -101,6 +113,8 @@ def training_rows(shard: str, record: dict[str, Any], example: dict[str, Any]) -
     from speed.tasks import get_kind
 
     kind = get_kind(record["kind"])
+    # the whole example: a grounded one gets its positive, the corpus passage, from its attributes
+    example = kind.complete(example, record["attributes"])
     provenance = {
         "id": f"{shard}-{record['index']}",
         "shard": shard,
@@ -164,19 +178,25 @@ def plan_shard(
     language: str,
     seeds: Sequence[int],
     revise_seeds: Sequence[int],
+    passages: Sequence[Mapping[str, Any] | None] | None = None,
 ) -> list[dict[str, Any]]:
-    """The prompts of one shard: for prompt ``start + i``, a task of ``kinds[i]`` and its attributes."""
+    """The prompts of one shard: for prompt ``start + i``, a task of ``kinds[i]`` and its attributes;
+    where ``passages[i]`` is a corpus passage, the prompt is the kind's grounded variant's, built on it."""
     from speed.tasks import get_kind
+    from speed.tasks.grounded import grounded_kind
 
     out = []
     for i, name in enumerate(kinds):
-        kind = get_kind(name)
+        passage = passages[i] if passages is not None else None
+        kind = get_kind(name) if passage is None else grounded_kind(name)
         task = rng.choice(list(pool[name]))
         attributes = kind.sample_attributes(rng, language)
+        if passage is not None:
+            attributes = kind.ground(attributes, passage)  # type: ignore[attr-defined]
         out.append(
             {
                 "index": start + i,
-                "kind": name,
+                "kind": kind.name,
                 "task": task,
                 "attributes": attributes,
                 "prompt": kind.generation_prompt(task, attributes),
@@ -199,6 +219,7 @@ def shard_prompts(
         language,
         payload["seeds"],
         payload["revise_seeds"],
+        payload.get("passages"),
     )
 
 
@@ -223,6 +244,10 @@ class Synthesize(GenerationStage):
         if cfg.synthesize.revise:
             names.append("revisor")
         return tuple(names)
+
+    def template_hashes(self, cfg: Any) -> dict[str, str]:
+        kinds = [k for k, w in cfg.synthesize.kind_mix.items() if w > 0]
+        return {**super().template_hashes(cfg), **corpus_hashes(cfg, kinds)}
 
     # -- inputs --------------------------------------------------------------------------------
 
@@ -254,6 +279,7 @@ class Synthesize(GenerationStage):
 
     def check(self, ctx: StageContext) -> None:
         self.pool(ctx)
+        grounding(ctx)  # an unreadable corpus fails here, before the first call
         ctx.weights("senior")  # the trained senior and revisor, as this stage reads their stages
         if ctx.cfg.synthesize.revise:
             ctx.weights("revisor")
@@ -279,6 +305,7 @@ class Synthesize(GenerationStage):
         # the seeds make a retrained model's requests new ones, not replays of the old model's answers
         senior_key = ctx.manifest("senior")["key"]
         revisor_key = ctx.manifest("revisor")["key"]
+        ground = grounding(ctx)
         out = []
         for i, start in enumerate(range(0, len(kinds), scfg.shard_size)):
             part = kinds[start : start + scfg.shard_size]
@@ -290,6 +317,13 @@ class Synthesize(GenerationStage):
                 "seeds": [ctx.seed_for("senior", senior_key, j) for j in indices],
                 "revise_seeds": [ctx.seed_for("revisor", revisor_key, j) for j in indices],
             }
+            if ground is not None:
+                # the shard carries its passages (not the whole sample), drawn on the driver from
+                # a stream of the shard's own, so that a worker needs no corpus of its own
+                draw = ctx.rng(f"passages/{i}")
+                payload["passages"] = [
+                    draw.choice(ground.passages) if k in ground.kinds else None for k in part
+                ]
             out.append(Shard(shard_id(i), payload))
         return out
 
@@ -383,7 +417,8 @@ class Synthesize(GenerationStage):
                 counter.drop(record["drop"], record["detail"])
             else:
                 record["example"] = example.model_dump()
-                failed = first_failure(example, kind, p["attributes"], filters, counter)
+                whole = kind.complete(example, p["attributes"])  # a grounded one's positive: its passage
+                failed = first_failure(whole, kind, p["attributes"], filters, counter)
                 if failed is not None:
                     record["drop"] = failed
                 else:

@@ -401,6 +401,19 @@ class TaskKind(ABC):
         language = attributes.get("language") or "English"
         return {f: language for f in self.fields() if f not in self.label_fields}
 
+    # -- grounding -----------------------------------------------------------------------------
+
+    def complete(self, example: Example | Mapping[str, Any], attributes: Mapping[str, Any]) -> dict[str, Any]:
+        """The whole example: what the generator wrote plus what the prompt gave it. A kind whose
+        generator writes every field (every kind but the grounded ones, :mod:`speed.tasks.grounded`,
+        whose positive is the corpus passage of ``attributes``) returns the example's fields."""
+        return example.model_dump() if isinstance(example, BaseModel) else dict(example)
+
+    def generated(self, example: Mapping[str, Any]) -> dict[str, Any]:
+        """The fields of a whole example that the generator writes (its schema's), in schema order:
+        what a generator is trained to write and what dedup compares."""
+        return {f: example[f] for f in self.fields() if f in example}
+
     # -- training rows -------------------------------------------------------------------------
 
     def to_rows(self, task: str, example: Example | Mapping[str, Any]) -> list[Row]:
@@ -435,6 +448,17 @@ def register_kind(cls: K) -> K:
     return cls
 
 
+#: variants of the registered kinds that stages build prompts with but configs never name (the
+#: grounded kinds); :func:`get_kind` finds them, :func:`kind_names` does not list them
+_VARIANTS: dict[str, TaskKind] = {}
+
+
+def register_variant(cls: K) -> K:
+    """Class decorator: make a kind variant available to :func:`get_kind` (not to configs)."""
+    _VARIANTS[cls.name] = cls()
+    return cls
+
+
 def kind_names() -> list[str]:
     """Names of the registered kinds."""
     return list(_KINDS)
@@ -447,7 +471,7 @@ def get_kind(name: str) -> TaskKind:
         UnknownKindError: no such kind; the message suggests the nearest names.
     """
     try:
-        return _KINDS[name]
+        return _KINDS[name] if name in _KINDS else _VARIANTS[name]
     except KeyError:
         hint = did_you_mean(name, _KINDS, n=2, cutoff=0.5)
         raise UnknownKindError(
