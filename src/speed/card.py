@@ -166,6 +166,8 @@ def card_facts(
     evaluate = _section(config, "evaluate")
     language = str(synth_cfg.get("language") or "English")
     corpus = _section(config, "corpus")
+    if not corpus.get("paths"):  # the section is always written; no paths: SPEED's ungrounded run
+        corpus = {}
     return {
         "rows": len(rows),
         "examples": len({r.get("id") for r in rows}) if all("id" in r for r in rows) else len(rows),
