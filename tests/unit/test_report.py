@@ -296,3 +296,18 @@ def test_report_of_a_real_runner_run(tmp_path: Path) -> None:
     assert [(st["name"], st["state"]) for st in s["stages"]] == [("numbers", "done"), ("total", "pending")]
     assert s["costs"]["teacher_by_stage"]["numbers"]["calls"] == 4
     assert s["stages"][0]["calls"]["teacher"]["tokens_in"] == 12
+
+
+def test_report_says_which_roles_are_deterministic(tmp_path: Path) -> None:
+    run = make_fake_run(tmp_path / "run")
+    (run / "config.yaml").write_text(
+        "models:\n"
+        "  teacher: {backend: llamacpp_server, model: m, options: {deterministic: true}}\n"
+        "  junior: {backend: llamacpp_server, model: m}\n"
+    )
+    build_report(run)
+    det = _summary(run)["determinism"]
+    assert det["teacher"] is None
+    assert "slots" in det["junior"] and set(det) == {"teacher", "junior", "senior", "revisor"}
+    page = (run / "report.html").read_text(encoding="utf-8")
+    assert "<b>teacher</b>: deterministic" in page and "<b>junior</b>: not promised" in page
