@@ -27,6 +27,7 @@ Prints:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -93,13 +94,35 @@ def current_stage(run_dir: Path) -> str:
     return next((s for s in STAGES if not (run_dir / s / "manifest.json").is_file()), "done")
 
 
+#: keys of JSON files that hold wall times, not data
+TIMING_KEYS = re.compile(r"(seconds|_s|time|runtime|duration|per_second|_at)$")
+
+
+def _without_timings(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _without_timings(v) for k, v in obj.items() if not TIMING_KEYS.search(str(k))}
+    if isinstance(obj, list):
+        return [_without_timings(v) for v in obj]
+    return obj
+
+
+def file_hash(path: Path, run_dir: Path) -> str:
+    """sha256 of a file, with the run folder's path written as ``<run>`` (source.json names it); of
+    a JSON file, with its wall-time fields left out (train_result.json's seconds)."""
+    data = path.read_bytes().replace(str(run_dir).encode(), b"<run>")
+    if path.suffix == ".json":
+        with contextlib.suppress(ValueError):
+            data = json.dumps(_without_timings(json.loads(data)), sort_keys=True).encode()
+    return hashlib.sha256(data).hexdigest()
+
+
 def stage_hashes(run_dir: Path) -> dict[str, str]:
-    """sha256 of every file of every stage folder, by path; manifests (timings) left out."""
+    """Hash of every file of every stage folder, by path; manifests, logs and lock files left out."""
     out = {}
     for stage in STAGES:
         for path in sorted((run_dir / stage).rglob("*")):
-            if path.is_file() and path.name != "manifest.json":
-                out[str(path.relative_to(run_dir))] = hashlib.sha256(path.read_bytes()).hexdigest()
+            if path.is_file() and path.name != "manifest.json" and path.suffix not in (".log", ".lock"):
+                out[str(path.relative_to(run_dir))] = file_hash(path, run_dir)
     return out
 
 
