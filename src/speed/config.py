@@ -118,6 +118,14 @@ class ModelSpec(Section):
         out.update({k: v for k, v in dumped.items() if k not in self.runtime_fields})
         return out
 
+    def nondeterminism(self) -> str | None:
+        """Why the same request (messages, sampling, seed) may get another text; None where it cannot.
+
+        The run report lists it per role. A backend that can promise the same text says so by
+        overriding this; the base promises nothing.
+        """
+        return f"backend '{self.backend}' does not promise the same text for the same seed"
+
 
 #: fields of the flat spec that a per-backend spec may lack, with the flat spec's defaults (see
 #: :meth:`ModelSpec.identity`); only key hashing reads them
@@ -191,6 +199,13 @@ class LlamaCppSamplerOptions(Section):
     top_k: StrictInt = Field(0, ge=0, description="Top-k sampling; 0: off.")
     min_p: float = Field(0.0, ge=0, le=1, description="Min-p sampling; 0: off.")
     repeat_penalty: float = Field(1.0, gt=0, description="Repetition penalty; 1: off.")
+    deterministic: bool = Field(
+        False,
+        description="The same request (messages, sampling, seed) gives the same text, whatever else "
+        "is in flight: one request at a time (one slot), no prompt-cache reuse. llama.cpp's batched "
+        "decoding changes the floats (Qwen2.5-0.5B, 2 slots: 5 of 6 seeded answers changed with the "
+        "batch's order), so this trades the slots' throughput for reproducible data.",
+    )
 
 
 class LlamaCppServerOptions(LlamaCppSamplerOptions):
@@ -231,6 +246,13 @@ class LlamaCppServerSpec(LocalSpec):
     max_retries: StrictInt = Field(6, ge=0, description="Retries on errors and dropped connections.")
     options: LlamaCppServerOptions = Field(default_factory=LlamaCppServerOptions)
 
+    def nondeterminism(self) -> str | None:
+        if not self.options.deterministic:
+            return "several slots decode together and reuse cached prompts (options.deterministic: false)"
+        if self.options.engine == "python":
+            return "llama-cpp-python's server reuses the previous prompt's cache (use engine native)"
+        return None
+
 
 class LlamaCppOptions(LlamaCppSamplerOptions):
     """Options of the ``llamacpp`` backend (:class:`speed.llm.llamacpp.LlamaCppBackend`)."""
@@ -249,6 +271,11 @@ class LlamaCppSpec(LocalSpec):
     )
     options: LlamaCppOptions = Field(default_factory=LlamaCppOptions)
 
+    def nondeterminism(self) -> str | None:
+        if not self.options.deterministic:
+            return "a prompt reuses the previous one's cached prefix (options.deterministic: false)"
+        return None
+
 
 class HFOptions(Section):
     """Options of the ``hf`` backend (:class:`speed.llm.hf.HFBackend`)."""
@@ -258,6 +285,11 @@ class HFOptions(Section):
     )
     top_k: StrictInt = Field(0, ge=0, description="Top-k sampling; 0: off.")
     trust_remote_code: bool = Field(False, description="Run model code from the hub (transformers' flag).")
+    deterministic: bool = Field(
+        False,
+        description="The same request gives the same text whatever else is in the batch: each prompt "
+        "runs in a batch of its own with its own seed (padding and batch shape change the floats).",
+    )
 
 
 class HFSpec(LocalSpec):
@@ -267,6 +299,13 @@ class HFSpec(LocalSpec):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the model runs.")
     dtype: Dtype = Field("auto", description="Weights dtype; auto: bf16 where the hardware supports it.")
     options: HFOptions = Field(default_factory=HFOptions)
+
+    def nondeterminism(self) -> str | None:
+        if not self.options.deterministic:
+            return "prompts are batched, and a batch is seeded as a whole (options.deterministic: false)"
+        if self.device == "cuda":
+            return "CUDA kernels are not bitwise reproducible across runs"
+        return None
 
 
 class VLLMOptions(Section):

@@ -72,3 +72,14 @@ def test_tokens_in_the_ledger_and_long_prompt_is_a_drop(backend: LlamaCppBackend
         ok.tokens_in,
         ok.tokens_out,
     )
+
+
+def test_deterministic_request_gets_the_same_text_whatever_came_before(smollm2_gguf: Path) -> None:
+    req = Request.chat("Describe a city in one sentence.", sampling=Sampling(max_tokens=24, seed=3))
+    other = Request.chat(
+        "Describe a city and its river in one sentence.", sampling=Sampling(max_tokens=24, seed=4)
+    )
+    with LlamaCppBackend("smollm2-135m-instruct", threads=1, n_ctx=512, deterministic=True) as det:
+        alone = det.generate([req])[0].texts
+        after_other = det.generate([other, req])[1].texts  # shares a prefix that would be reused
+        assert alone == after_other and alone[0]

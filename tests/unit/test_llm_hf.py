@@ -152,3 +152,15 @@ def test_out_of_memory_halves_the_batch(tiny: dict[str, Path], monkeypatch: pyte
     comps = backend.generate([_greedy(p, 4) for p in PROMPTS])
     assert len(comps) == 4 and all(c.error is None for c in comps)
     assert sizes == [4, 2, 1, 1, 2, 1, 1]
+
+
+def test_deterministic_answers_a_request_the_same_in_any_batch(tiny: dict[str, Path]) -> None:
+    reqs = [Request.chat(p, sampling=Sampling(max_tokens=10, seed=i)) for i, p in enumerate(PROMPTS)]
+    det = _backend(tiny["base"], deterministic=True)
+    together = [c.texts for c in det.generate(reqs)]
+    alone = [det.generate([r])[0].texts for r in reqs]
+    with_others = [c.texts for c in det.generate(reqs[::-1])][::-1]
+    assert together == alone == with_others
+    # batched as usual, the seed of a request's batch depends on the others: its text changes
+    batched = _backend(tiny["base"])
+    assert [c.texts for c in batched.generate(reqs)] != [batched.generate([r])[0].texts for r in reqs]

@@ -169,3 +169,17 @@ def test_keys_survive_the_round_trip_through_the_runs_config_yaml(name: str, tmp
     saved = tmp_path / "config.yaml"
     saved.write_text(cfg.to_yaml(), encoding="utf-8")
     assert Runner(load_config(saved)).keys == Runner(cfg).keys
+
+
+def test_each_local_spec_says_whether_the_same_request_gets_the_same_text() -> None:
+    from speed.config import HFSpec, LlamaCppServerSpec, LlamaCppSpec, OpenAISpec
+
+    assert "slots" in (LlamaCppServerSpec(model="m").nondeterminism() or "")
+    assert LlamaCppServerSpec(model="m", options={"deterministic": True}).nondeterminism() is None
+    python = LlamaCppServerSpec(model="m", options={"deterministic": True, "engine": "python"})
+    assert "engine native" in (python.nondeterminism() or "")
+    assert LlamaCppSpec(model="m").nondeterminism() is not None
+    assert LlamaCppSpec(model="m", options={"deterministic": True}).nondeterminism() is None
+    assert HFSpec(model="m", device="cpu", options={"deterministic": True}).nondeterminism() is None
+    assert "batch" in (HFSpec(model="m").nondeterminism() or "")
+    assert "openai" in (OpenAISpec(model="gpt-4o").nondeterminism() or "")

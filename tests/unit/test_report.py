@@ -335,3 +335,18 @@ def test_failed_tries_reach_the_report_cost_and_status(
     _print_status([], run, None)
     out = capsys.readouterr().out
     assert "failed tries by cause: 429: 2, timeout: 1" in out and "teacher connection:" in out
+
+
+def test_report_says_which_roles_are_deterministic(tmp_path: Path) -> None:
+    run = make_fake_run(tmp_path / "run")
+    (run / "config.yaml").write_text(
+        "models:\n"
+        "  teacher: {backend: llamacpp_server, model: m, options: {deterministic: true}}\n"
+        "  junior: {backend: llamacpp_server, model: m}\n"
+    )
+    build_report(run)
+    det = _summary(run)["determinism"]
+    assert det["teacher"] is None
+    assert "slots" in det["junior"] and set(det) == {"teacher", "junior", "senior", "revisor"}
+    page = (run / "report.html").read_text(encoding="utf-8")
+    assert "<b>teacher</b>: deterministic" in page and "<b>junior</b>: not promised" in page

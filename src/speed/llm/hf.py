@@ -12,7 +12,9 @@ Design choices:
   default of 50 would cut the tail that temperature 1 / top_p 1 ask to keep), temperature 0 is greedy.
 - Seeds: ``generate`` draws from one random stream per batch, so a per-row seed cannot be honoured
   exactly. A batch whose requests all carry seeds is seeded from them (same batch, same output);
-  the global RNG is left untouched (``torch.random.fork_rng``).
+  the global RNG is left untouched (``torch.random.fork_rng``). Which other requests share the batch
+  still changes the padding, the matrix shapes and the random stream, so ``deterministic`` runs each
+  prompt in a batch of its own, seeded by its own seed: the same request, the same text.
 - dtype ``auto``: bfloat16 on GPUs that support it (else float16); on CPU bfloat16 where the CPU has
   bf16 matrix units (AVX512-BF16 or AMX: :func:`speed.precision.cpu_has_bf16`, the policy training
   and evaluation use), else float32 (emulated bf16 is slower).
@@ -82,6 +84,7 @@ class HFBackend(Backend):
         top_k: top-k cut (0: off, as the OpenAI API).
         trust_remote_code: passed to transformers.
         model_id: label of the model in the ledger; defaults to ``model`` (plus the adapter).
+        deterministic: one prompt per batch, seeded by its own seed (slower, reproducible).
 
     Example:
         >>> backend = HFBackend("smollm2-135m-instruct", threads=1)  # doctest: +SKIP
@@ -104,6 +107,7 @@ class HFBackend(Backend):
         top_k: int = 0,
         trust_remote_code: bool = False,
         model_id: str | None = None,
+        deterministic: bool = False,
     ):
         torch = require("torch", extra="train", what="the hf backend")
         transformers = require("transformers", extra="train", what="the hf backend")
@@ -119,6 +123,7 @@ class HFBackend(Backend):
         self.device = device
         self.batch_size = max(1, batch_size)
         self.top_k = top_k
+        self.deterministic = deterministic
         self.model_id = model_id or (f"{model}+{adapter}" if adapter else model)
 
         ref = resolve_hf(model)
@@ -215,7 +220,8 @@ class HFBackend(Backend):
         for idxs in groups.values():
             n = requests[idxs[0]].sampling.n
             idxs.sort(key=lambda i: len(prompts[i]))
-            per = max(1, self.batch_size // n)
+            # deterministic: a prompt's text must not depend on which others share its batch
+            per = 1 if self.deterministic else max(1, self.batch_size // n)
             for start in range(0, len(idxs), per):
                 chunk = idxs[start : start + per]
                 comps = self._batch([requests[i] for i in chunk], [prompts[i] for i in chunk])

@@ -19,6 +19,10 @@ Design choices:
   word, so the model is first run once in a child process (:func:`speed.hardware.check_llama_runs`,
   remembered per build, CPU and model); a child killed by a signal becomes a :class:`BackendError`
   that names the signal, the CPU's features and the rebuild command.
+- ``deterministic``: llama-cpp-python keeps the previous prompt's KV cache and evaluates only what
+  follows the common prefix; the cached part was computed in a batch of another shape, which can
+  change the floats and so a sampled token. Deterministic mode evaluates every prompt from scratch
+  (the same request, the same text, whatever came before); off by default.
 - A prompt longer than the context, or a schema the grammar converter refuses, is a counted drop
   for that request (``Completion.error``), not a crash of the batch.
 """
@@ -118,6 +122,7 @@ class LlamaCppBackend(Backend):
         top_k: top-k cut (0: off).
         min_p: min-p cut (0: off).
         repeat_penalty: repetition penalty (1: off).
+        deterministic: evaluate every prompt from scratch (no reuse of the previous prompt's cache).
 
     Example:
         >>> backend = LlamaCppBackend("smollm2-135m-instruct", threads=1)  # doctest: +SKIP
@@ -141,6 +146,7 @@ class LlamaCppBackend(Backend):
         top_k: int = 0,
         min_p: float = 0.0,
         repeat_penalty: float = 1.0,
+        deterministic: bool = False,
     ):
         _passive_openmp()
         llama_cpp = require("llama_cpp", extra="llamacpp", what="the llamacpp backend")
@@ -154,6 +160,7 @@ class LlamaCppBackend(Backend):
         self.threads = threads
         self._lock = threading.Lock()
         self._rng = random.Random()
+        self.deterministic = deterministic
         self._sampler = {"top_k": top_k, "min_p": min_p, "repeat_penalty": repeat_penalty}
         kwargs: dict[str, Any] = dict(
             model_path=str(self.gguf),
@@ -229,6 +236,8 @@ class LlamaCppBackend(Backend):
         for i in range(s.n):
             seed = s.seed + i if s.seed is not None else self._rng.randrange(2**31)
             comp.attempts += 1
+            if self.deterministic:
+                self.llm.reset()  # no prefix reuse: the prompt is evaluated as a fresh one
             try:
                 out = self.llm.create_chat_completion(seed=seed, **kwargs)
             except (ValueError, RuntimeError) as err:

@@ -80,6 +80,27 @@ def _planned_states(run_dir: Path) -> tuple[list[str], dict[str, str]] | None:
     return [s.name for s in statuses], {s.name: s.state for s in statuses}
 
 
+#: the roles that generate text (the embedder only encodes)
+GENERATING_ROLES = ("teacher", "junior", "senior", "revisor")
+
+
+def collect_determinism(run_dir: Path, warnings: _Warnings) -> dict[str, str | None] | None:
+    """Per generating role: None when the same request gets the same text, else why it may not.
+
+    Read from the run's config.yaml (:meth:`speed.config.ModelSpec.nondeterminism`); None when the
+    run has no readable config.
+    """
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.exists():
+        return None
+    try:
+        cfg = load_config(cfg_path, [f"run.dir={run_dir}"])
+    except Exception as err:
+        warnings.add(f"cannot read {cfg_path} to say which roles are deterministic: {err}")
+        return None
+    return {role: getattr(cfg.models, role).nondeterminism() for role in GENERATING_ROLES}
+
+
 def _num(value: Any) -> float | None:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
@@ -531,6 +552,7 @@ def collect_summary(
         "judge": {"verdicts": judge_count},
         "eval": evaluation,
         "scale": scale,
+        "determinism": collect_determinism(run_dir, warnings),
         "plots": [str(p.relative_to(run_dir)) for p in plots],
         "warnings": list(warnings),
     }
