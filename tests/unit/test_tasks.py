@@ -24,7 +24,7 @@ from speed.tasks import (
     template_hash,
     template_path,
 )
-from speed.tasks.base import CLARITY, EDUCATION_LEVELS, UNITS
+from speed.tasks.base import CLARITY, EDUCATION_LEVELS, UNITS, answer_words
 
 ALL_KINDS = ["retrieval", "classification", "sts", "matching_short", "matching_long", "bitext"]
 DRAWS = 20_000
@@ -270,6 +270,32 @@ def test_requested_words_follow_the_attributes():
     cls = get_kind("classification")
     assert cls.requested_words({"input_length": "at least 100 words"}) == {"input_text": 100}
     assert cls.requested_words({"input_length": "less than 10 words"}) == {}
+
+
+@pytest.mark.parametrize("name", ALL_KINDS)
+def test_lengths_asked_fit_the_writers_answer(name):
+    kind = get_kind(name)
+    rng = random.Random(0)
+    small = answer_words(256)  # the quickstart's generators
+    assert small is not None and 100 < small < 160
+    for _ in range(500):
+        drawn = kind.sample_attributes(rng)
+        fitted = kind.fit_lengths(drawn, small)
+        assert sum(kind.requested_words(fitted).values()) <= small
+        # only the lengths change, and only when they did not fit
+        assert {k for k in drawn if drawn[k] != fitted[k]} <= {"num_words", "input_length"}
+        if sum(kind.requested_words(drawn).values()) <= small:
+            assert fitted == drawn
+        # a writer with room for SPEED's longest documents (configs/paper.yaml) is asked as drawn
+        assert kind.fit_lengths(drawn, answer_words(2048)) == drawn
+        assert kind.fit_lengths(drawn, None) == drawn
+
+
+def test_fitting_keeps_the_longest_length_that_fits():
+    retrieval_kind, cls = get_kind("retrieval"), get_kind("classification")
+    assert retrieval_kind.fit_lengths({"num_words": 500}, 250)["num_words"] == 100
+    assert retrieval_kind.fit_lengths({"num_words": 500}, 30)["num_words"] == 50  # the shortest asked
+    assert cls.fit_lengths({"input_length": "at least 200 words"}, 150)["input_length"] == "at least 100 words"
 
 
 # --------------------------------------------------------------------------------------------

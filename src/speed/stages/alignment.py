@@ -158,6 +158,7 @@ def sample_prompts(
     exclude: Iterable[str] = (),
     max_tries_factor: int = 20,
     grounding: Grounding | None = None,
+    max_words: int | None = None,
 ) -> tuple[list[GenPrompt], int]:
     """Draw ``n`` distinct generation prompts that are not in ``exclude``.
 
@@ -173,6 +174,8 @@ def sample_prompts(
         grounding: the corpus sample and the kinds grounded on it (:func:`grounding`): a prompt of
             such a kind is its grounded variant's, built on a passage drawn from ``rng``; None (no
             corpus): every prompt is SPEED's, drawn exactly as before.
+        max_words: the words the writer's answer can hold (:func:`speed.tasks.base.answer_words` of
+            its ``max_tokens``): longer lengths drawn are cut to fit (:meth:`TaskKind.fit_lengths`).
 
     Returns:
         The prompts and the number of draws rejected as repeats.
@@ -199,6 +202,7 @@ def sample_prompts(
             kind, attributes = grounding.draw(name, rng, language)
         else:
             attributes = kind.sample_attributes(rng, language)
+        attributes = kind.fit_lengths(attributes, max_words)
         prompt = kind.generation_prompt(task, attributes)
         if prompt in seen:
             repeats += 1

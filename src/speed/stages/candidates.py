@@ -31,6 +31,7 @@ from speed.stages.alignment import (
     task_pool,
 )
 from speed.stages.generation import GenerationStage, Job, Plan, record
+from speed.tasks.base import answer_words
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ class Candidates(GenerationStage):
             ctx.cfg.seed.language,
             used,
             grounding=grounding(ctx),
+            max_words=answer_words(ctx.cfg.models.junior.max_tokens),
         )
         # the ledger names the junior by its folder in the run; the junior's key in the seed makes a
         # retrained junior's requests new ones instead of replays of the old junior's answers

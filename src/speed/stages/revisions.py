@@ -49,6 +49,7 @@ from speed.stages.alignment import (
     task_pool,
 )
 from speed.stages.generation import GenerationStage, Job, Plan, record
+from speed.tasks.base import answer_words
 
 logger = logging.getLogger(__name__)
 
@@ -145,6 +146,7 @@ class Revisions(GenerationStage):
             ctx.cfg.seed.language,
             used,
             grounding=grounding(ctx),
+            max_words=answer_words(ctx.cfg.models.senior.max_tokens),
         )
         # the senior's key in the seed: a retrained senior is asked anew, not replayed (the ledger
         # names it by its folder in the run)

@@ -42,6 +42,7 @@ from speed.stages.alignment import (
     task_pool,
 )
 from speed.stages.generation import GenerationStage, Job, Plan, record
+from speed.tasks.base import answer_words
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +80,7 @@ class Seed(GenerationStage):
             ctx.rng("prompts"),
             scfg.language,
             grounding=grounding(ctx),
+            max_words=answer_words(ctx.cfg.models.teacher.max_tokens),
         )
         items = [{**p.to_row(), "seed": ctx.seed_for(i)} for i, p in enumerate(prompts)]
         stats: dict[str, Any] = {"requested": len(items)}

@@ -78,6 +78,7 @@ from speed.stages.alignment import (
     task_pool,
 )
 from speed.stages.generation import GenerationStage, Job, Plan, shard_id
+from speed.tasks.base import answer_words
 
 logger = logging.getLogger(__name__)
 
@@ -179,9 +180,11 @@ def plan_shard(
     seeds: Sequence[int],
     revise_seeds: Sequence[int],
     passages: Sequence[Mapping[str, Any] | None] | None = None,
+    max_words: int | None = None,
 ) -> list[dict[str, Any]]:
     """The prompts of one shard: for prompt ``start + i``, a task of ``kinds[i]`` and its attributes;
-    where ``passages[i]`` is a corpus passage, the prompt is the kind's grounded variant's, built on it."""
+    where ``passages[i]`` is a corpus passage, the prompt is the kind's grounded variant's, built on it.
+    Lengths are cut to what ``max_words`` (the senior's answer) can hold."""
     from speed.tasks import get_kind
     from speed.tasks.grounded import grounded_kind
 
@@ -193,6 +196,7 @@ def plan_shard(
         attributes = kind.sample_attributes(rng, language)
         if passage is not None:
             attributes = kind.ground(attributes, passage)  # type: ignore[attr-defined]
+        attributes = kind.fit_lengths(attributes, max_words)
         out.append(
             {
                 "index": start + i,
@@ -220,6 +224,7 @@ def shard_prompts(
         payload["seeds"],
         payload["revise_seeds"],
         payload.get("passages"),
+        payload.get("max_words"),
     )
 
 
@@ -316,6 +321,7 @@ class Synthesize(GenerationStage):
                 "rng_seed": ctx.rng(f"shard/{i}").getrandbits(64),
                 "seeds": [ctx.seed_for("senior", senior_key, j) for j in indices],
                 "revise_seeds": [ctx.seed_for("revisor", revisor_key, j) for j in indices],
+                "max_words": answer_words(ctx.cfg.models.senior.max_tokens),
             }
             if ground is not None:
                 # the shard carries its passages (not the whole sample), drawn on the driver from

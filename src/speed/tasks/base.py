@@ -172,6 +172,25 @@ def weighted_choice(rng: random.Random, weights: Mapping[Any, float]) -> Any:
     return rng.choices(list(weights), weights=list(weights.values()), k=1)[0]
 
 
+#: tokens an answer spends on its JSON (keys, quotes, braces), and tokens per English word in the
+#: byte-level BPE tokenizers of the generators in use (SmolLM2, Qwen2.5, Llama 3: 1.3-1.4)
+JSON_OVERHEAD_TOKENS = 48
+TOKENS_PER_WORD = 1.5
+
+
+def answer_words(max_tokens: int | None) -> int | None:
+    """Words of text an answer of at most ``max_tokens`` tokens can hold (None: no limit)."""
+    if max_tokens is None:
+        return None
+    return max(0, int((max_tokens - JSON_OVERHEAD_TOKENS) / TOKENS_PER_WORD))
+
+
+def largest_within(options: Sequence[int], limit: int) -> int:
+    """The largest of ``options`` not above ``limit``; the smallest when none is."""
+    fitting = [o for o in options if o <= limit]
+    return max(fitting) if fitting else min(options)
+
+
 # --------------------------------------------------------------------------------------------
 # schemas
 
@@ -395,6 +414,17 @@ class TaskKind(ABC):
     def requested_words(self, attributes: Mapping[str, Any]) -> dict[str, int]:
         """Minimum word counts the prompt asked for, per field (for the ``too_short`` filter)."""
         return {}
+
+    def fit_lengths(self, attributes: Mapping[str, Any], max_words: int | None) -> dict[str, Any]:
+        """``attributes`` with the lengths they ask for cut to what an answer of ``max_words`` words
+        can hold (None: as drawn).
+
+        SPEED draws documents of up to 500 words; a generator whose ``max_tokens`` cannot hold them
+        writes a cut answer (no JSON) or a short one (a ``too_short`` drop), so asking for them only
+        wastes the call, and the junior learns from seeds that never show such a length. Kinds that
+        ask for lengths override this; the draw itself is unchanged, so prompts that fit stay the same.
+        """
+        return dict(attributes)
 
     def field_languages(self, attributes: Mapping[str, Any]) -> dict[str, str]:
         """The language each text field must be written in (for the ``wrong_language`` filter)."""

@@ -14,7 +14,15 @@ from typing import Any
 
 from pydantic import Field
 
-from speed.tasks.base import CLARITY, EDUCATION_LEVELS, Example, TaskKind, register_kind, weighted_choice
+from speed.tasks.base import (
+    CLARITY,
+    EDUCATION_LEVELS,
+    Example,
+    TaskKind,
+    largest_within,
+    register_kind,
+    weighted_choice,
+)
 
 INPUT_LENGTHS = {
     "less than 10 words": 0.1,
@@ -67,3 +75,11 @@ class Classification(TaskKind):
     def requested_words(self, attributes: Mapping[str, Any]) -> dict[str, int]:
         words = MIN_WORDS.get(str(attributes.get("input_length")), 0)
         return {"input_text": words} if words else {}
+
+    def fit_lengths(self, attributes: Mapping[str, Any], max_words: int | None) -> dict[str, Any]:
+        out = dict(attributes)
+        # the text and the two labels (about 10 words) must fit
+        if max_words is not None and MIN_WORDS.get(str(out.get("input_length")), 0) > max_words - 10:
+            fit = largest_within(list(MIN_WORDS.values()), max_words - 10)
+            out["input_length"] = next(name for name, words in MIN_WORDS.items() if words == fit)
+        return out

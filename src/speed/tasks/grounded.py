@@ -174,6 +174,13 @@ class RetrievalGrounded(GroundedKind):
     def requested_words(self, attributes: Mapping[str, Any]) -> dict[str, int]:
         return {"hard_negative_document": int(attributes["num_words"])}
 
+    def fit_lengths(self, attributes: Mapping[str, Any], max_words: int | None) -> dict[str, Any]:
+        out = dict(attributes)
+        if max_words is not None and "num_words" in out:
+            # one generated document (the passage is the positive) and the query must fit
+            out["num_words"] = min(int(out["num_words"]), max(50, (max_words - 20) // 10 * 10))
+        return out
+
 
 @register_variant
 class MatchingShortGrounded(GroundedKind):

@@ -13,7 +13,15 @@ from typing import Any, ClassVar
 
 from pydantic import Field
 
-from speed.tasks.base import CLARITY, EDUCATION_LEVELS, Example, TaskKind, register_kind, weighted_choice
+from speed.tasks.base import (
+    CLARITY,
+    EDUCATION_LEVELS,
+    Example,
+    TaskKind,
+    largest_within,
+    register_kind,
+    weighted_choice,
+)
 
 QUERY_TYPES = {"extremely long-tail": 0.4, "long-tail": 0.5, "common": 0.1}
 QUERY_LENGTHS = {"less than 5 words": 0.4, "5 to 15 words": 0.4, "at least 10 words": 0.2}
@@ -54,3 +62,12 @@ class Retrieval(TaskKind):
 
     def requested_words(self, attributes: Mapping[str, Any]) -> dict[str, int]:
         return {f: int(attributes["num_words"]) for f in self.length_fields}
+
+    def fit_lengths(self, attributes: Mapping[str, Any], max_words: int | None) -> dict[str, Any]:
+        out = dict(attributes)
+        if max_words is not None:
+            # both documents and the query (at most about 20 words) must fit
+            per_document = (max_words - 20) // len(self.length_fields)
+            if int(out["num_words"]) > per_document:
+                out["num_words"] = largest_within(DOCUMENT_WORDS, per_document)
+        return out
