@@ -803,6 +803,15 @@ class EmbedConfig(Section):
         None, description="The guide of gist (frozen); None: models.embedder.model as it was before training."
     )
 
+    @model_validator(mode="after")
+    def _margin_mask_without_gradcache(self) -> EmbedConfig:
+        if self.false_negatives == "margin" and self.mini_batch_size:
+            raise ValueError(
+                "embed.false_negatives: margin has no GradCache form; unset embed.mini_batch_size, "
+                "or use false_negatives: gist (CachedGISTEmbedLoss)"
+            )
+        return self
+
 
 class EvaluateConfig(Section):
     """MTEB evaluation from local folders."""

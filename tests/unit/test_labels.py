@@ -23,6 +23,7 @@ from speed.data.labels import (
     relabel_outcome,
     relabel_values,
 )
+from tiny import bow_model
 
 WORDS = [
     "cat",
@@ -58,22 +59,6 @@ WORDS = [
     "night",
     "star",
 ]
-
-
-def bow_model(words: tuple[str, ...] | list[str] = WORDS) -> Any:
-    """A SentenceTransformer whose embedding is the mean of one-hot word vectors (no training)."""
-    from sentence_transformers import SentenceTransformer
-    from sentence_transformers.sentence_transformer.modules import StaticEmbedding
-    from tokenizers import Tokenizer
-    from tokenizers.models import WordLevel
-    from tokenizers.pre_tokenizers import Whitespace
-
-    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(words)}}
-    tok = Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = Whitespace()
-    weights = np.eye(len(vocab), dtype=np.float32)
-    weights[0] = 0.0  # unknown words count for nothing
-    return SentenceTransformer(modules=[StaticEmbedding(tok, embedding_weights=weights)], device="cpu")
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_labels import bow_model
 
 from speed.config import SpeedConfig, load_config
 from speed.io import read_jsonl, read_rows
@@ -18,6 +17,7 @@ from speed.ledger import Ledger, LedgeredBackend
 from speed.llm.base import Backend, Completion, Request
 from speed.stage import StageContext, StageError
 from speed.stages.labels import Labels
+from tiny import bow_model
 
 #: (query, positive, generated negative): 0, 2 and 4 are sound; 1's positive is unrelated to its
 #: query (the passage that answers it is 2's positive); 3's positive too, and no passage answers it
