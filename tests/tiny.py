@@ -255,7 +255,40 @@ def make_tiny_bert(folder: str | Path, words: Iterable[str] = ()) -> Path:
 
 
 #: the vocabulary of :func:`bow_model`
-BOW_WORDS = ["cat", "dog", "mat", "tree", "sun", "moon", "rain", "snow", "river", "sea", "ship", "car", "road", "bread", "milk", "cheese", "apple", "pear", "king", "queen", "castle", "sword", "gold", "coin", "book", "page", "ink", "pen", "lamp", "light", "night", "star"]
+BOW_WORDS = [
+    "cat",
+    "dog",
+    "mat",
+    "tree",
+    "sun",
+    "moon",
+    "rain",
+    "snow",
+    "river",
+    "sea",
+    "ship",
+    "car",
+    "road",
+    "bread",
+    "milk",
+    "cheese",
+    "apple",
+    "pear",
+    "king",
+    "queen",
+    "castle",
+    "sword",
+    "gold",
+    "coin",
+    "book",
+    "page",
+    "ink",
+    "pen",
+    "lamp",
+    "light",
+    "night",
+    "star",
+]
 
 
 def bow_model(words: Iterable[str] = BOW_WORDS) -> Any:
