@@ -12,7 +12,7 @@ VENV        ?= .venv
 PY          := $(VENV)/bin/python
 PIP         := $(VENV)/bin/pip
 TORCH_SPEC  ?= torch==2.13.0
-EXTRAS      ?= train,llamacpp,ray,models,dev
+EXTRAS      ?= train,labels,llamacpp,ray,models,dev
 CONFIG      ?= configs/quickstart.yaml
 PYTEST_ARGS ?=
 export SPEED_EVAL_DIR ?= $(abspath ../shared/eval)

@@ -43,8 +43,30 @@ DURATIONS = {
     "revisions": 50.0,
     "revisor": 300.0,
     "synthesize": 720.0,
+    "labels": 30.0,
     "embed": 240.0,
     "evaluate": 88.0,
+}
+#: what the labels stage's manifest holds (relabel, round trip and mining on)
+LABELS_STATS: dict[str, Any] = {
+    "input": 12,
+    "checked": 5,
+    "count": 10,
+    "drops": {"round_trip": 1, "relabel_neither": 1},
+    "relabel": {"judge": "teacher", "asked": 3, "swap": 1, "keep": 1, "both": 0, "drop": 1, "unparsed": 0},
+    "round_trip": {"scorer": "embedder", "k": 3, "checked": 4, "dropped": 1, "ranks": {"1": 3, ">3": 1}},
+    "mining": {
+        "negatives": "mined",
+        "source": "pool",
+        "candidates": 9,
+        "examples": 3,
+        "mined": 3,
+        "none_found": 0,
+        "replaced": 2,
+        "filled": 1,
+        "rows_added": 0,
+    },
+    "seconds_per_1k_checked": 41.5,
 }
 KINDS = {"retrieval": 5, "classification": 4, "sts": 3}
 FINAL = sum(KINDS.values())
@@ -218,6 +240,8 @@ def make_fake_run(run: Path, stages: tuple[str, ...] | None = None) -> Path:
             if name == "synthesize":
                 count = write_synthesize(run / name)
                 stats = {"count": count, "drops": dict(DROPS), "shards": 1}
+            elif name == "labels":
+                stats = dict(LABELS_STATS)
             elif name == "judge":
                 rows = judge_rows()
                 write_jsonl(run / name / "data.jsonl", rows)

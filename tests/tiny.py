@@ -26,6 +26,7 @@ import shutil
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 #: ChatML, as SmolLM2-Instruct and Qwen2.5 write it (without their default system prompts)
 CHAT_TEMPLATE = (
@@ -251,3 +252,58 @@ def make_tiny_bert(folder: str | Path, words: Iterable[str] = ()) -> Path:
     BertModel(cfg).save_pretrained(folder)
     BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(folder)
     return folder
+
+
+#: the vocabulary of :func:`bow_model`
+BOW_WORDS = [
+    "cat",
+    "dog",
+    "mat",
+    "tree",
+    "sun",
+    "moon",
+    "rain",
+    "snow",
+    "river",
+    "sea",
+    "ship",
+    "car",
+    "road",
+    "bread",
+    "milk",
+    "cheese",
+    "apple",
+    "pear",
+    "king",
+    "queen",
+    "castle",
+    "sword",
+    "gold",
+    "coin",
+    "book",
+    "page",
+    "ink",
+    "pen",
+    "lamp",
+    "light",
+    "night",
+    "star",
+]
+
+
+def bow_model(words: Iterable[str] = BOW_WORDS) -> Any:
+    """A SentenceTransformer whose embedding is the mean of one-hot word vectors (no training)."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import StaticEmbedding
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+
+    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(dict.fromkeys(words))}}
+    tok = Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = Whitespace()
+    import numpy as np
+
+    weights = np.eye(len(vocab), dtype=np.float32)
+    weights[0] = 0.0  # unknown words count for nothing
+    return SentenceTransformer(modules=[StaticEmbedding(tok, embedding_weights=weights)], device="cpu")

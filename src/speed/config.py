@@ -828,6 +828,92 @@ class SynthesizeConfig(Section):
         return value
 
 
+#: the kinds whose positive is a passage: what the labels stage checks by default
+LABELED_KINDS: list[KindName] = ["retrieval", "matching_short", "matching_long"]
+
+
+class MiningConfig(Section):
+    """Hard negatives mined with the embedder (sentence-transformers' ``mine_hard_negatives``)."""
+
+    negatives: Literal["generated", "mined", "both"] = Field(
+        "generated",
+        description="generated: the LLM-written negative only (SPEED); mined: a mined negative replaces "
+        "it; both: a row with the generated negative and a row with each mined one.",
+    )
+    source: Literal["auto", "corpus", "pool"] = Field(
+        "auto",
+        description="Where negatives come from: corpus (the run's corpus/passages.jsonl), pool (every "
+        "positive and negative of the run), auto: the corpus when the run has one.",
+    )
+    num_negatives: StrictInt = Field(1, gt=0, description="Mined negatives per example.")
+    relative_margin: float | None = Field(
+        0.05,
+        ge=0,
+        lt=1,
+        description="Keep a candidate only when it scores below (1 - margin) x the positive's score "
+        "(NV-Retriever's positive-aware mining: 95%); None: off.",
+    )
+    absolute_margin: float | None = Field(
+        None, ge=0, description="Keep a candidate only when it scores below positive - margin; None: off."
+    )
+    range_min: StrictInt = Field(0, ge=0, description="Skip this many top candidates.")
+    range_max: StrictInt | None = Field(
+        None, gt=0, description="Consider only the top range_max candidates; None: the library's choice."
+    )
+    sampling_strategy: Literal["top", "random"] = Field(
+        "top", description="Take the highest-scoring candidates left, or sample among them."
+    )
+
+
+class RoundTripConfig(Section):
+    """Round-trip consistency (Promptagator): a query must retrieve its own positive."""
+
+    enabled: bool = Field(False, description="Drop examples whose positive is not in the top k.")
+    scorer: Literal["embedder", "bm25"] = Field(
+        "embedder", description="embedder: labels.model's cosine; bm25: bm25s (lexical)."
+    )
+    k: StrictInt = Field(3, gt=0, description="The positive must rank within the top k of the pool.")
+
+
+class RelabelConfig(Section):
+    """A judge decides when a passage of the pool scores above an example's positive."""
+
+    enabled: bool = Field(False, description="Ask the judge about passages that outscore the positive.")
+    judge: Literal["teacher", "revisor"] = Field(
+        "teacher", description="The role that judges (the revisor is the one trained in this run)."
+    )
+    margin: float = Field(
+        0.0, ge=0, description="Ask only when the passage scores above the positive by more than this."
+    )
+    max_tokens: StrictInt = Field(256, gt=0, description="Cap on the judge's answer.")
+
+
+class LabelsConfig(Section):
+    """Label quality after synthesis: mined hard negatives, round-trip filter, relabeled positives.
+
+    Every part is off by default (SPEED as published); the stage then passes the rows through.
+    """
+
+    kinds: list[KindName] = Field(
+        default_factory=lambda: list(LABELED_KINDS),
+        description="Kinds whose examples are checked (their positive is a passage); others pass "
+        "through unchanged.",
+    )
+    model: str | None = Field(
+        None, description="The embedder that scores and mines; None: models.embedder.model (untrained)."
+    )
+    batch_size: StrictInt = Field(64, gt=0, description="Texts per encoding batch.")
+    ann_threshold: StrictInt = Field(
+        200_000,
+        gt=0,
+        description="Pool size from which search uses a faiss HNSW index (approximate) instead of "
+        "exact matrix products in chunks.",
+    )
+    mining: MiningConfig = Field(default_factory=MiningConfig)
+    round_trip: RoundTripConfig = Field(default_factory=RoundTripConfig)
+    relabel: RelabelConfig = Field(default_factory=RelabelConfig)
+
+
 class EmbedConfig(Section):
     """Contrastive training of the embedding model (E5 recipe)."""
 
@@ -854,6 +940,27 @@ class EmbedConfig(Section):
     pooling: Literal["auto", "mean", "cls", "lasttoken"] = "auto"
     use_instructions: bool = True
     extra_data: list[str] = Field(default_factory=list, description="Labelled data to mix in (JSONL).")
+    false_negatives: Literal["none", "gist", "margin"] = Field(
+        "none",
+        description="Control of false negatives in a batch: none (E5); gist: GISTEmbedLoss, a guide "
+        "model masks negatives it scores above the positive; margin: in-batch negatives that score "
+        "above positive - false_negative_margin are masked.",
+    )
+    false_negative_margin: float = Field(
+        0.0, ge=0, description="The margin of gist (absolute) and of the margin mask."
+    )
+    guide_model: str | None = Field(
+        None, description="The guide of gist (frozen); None: models.embedder.model as it was before training."
+    )
+
+    @model_validator(mode="after")
+    def _margin_mask_without_gradcache(self) -> EmbedConfig:
+        if self.false_negatives == "margin" and self.mini_batch_size:
+            raise ValueError(
+                "embed.false_negatives: margin has no GradCache form; unset embed.mini_batch_size, "
+                "or use false_negatives: gist (CachedGISTEmbedLoss)"
+            )
+        return self
 
 
 class EvaluateConfig(Section):
@@ -896,6 +1003,7 @@ class SpeedConfig(Section):
     revisions: RevisionsConfig = Field(default_factory=RevisionsConfig)
     revisor: RevisorConfig = Field(default_factory=RevisorConfig)
     synthesize: SynthesizeConfig = Field(default_factory=SynthesizeConfig)
+    labels: LabelsConfig = Field(default_factory=LabelsConfig)
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     #: sections added by plugins (validated by the stage that owns them)

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
 ALIGNMENT = ["brainstorm", "seed", "junior", "candidates", "judge", "senior", "revisions", "revisor"]
-STAGES = [*ALIGNMENT, "synthesize", "embed", "evaluate"]
+STAGES = [*ALIGNMENT, "synthesize", "labels", "embed", "evaluate"]
 SMALLER = [
     "brainstorm.kinds=[sts, matching_short]",
     "brainstorm.calls_per_kind=2",

@@ -14,6 +14,7 @@ from fakerun import (
     DURATIONS,
     FINAL,
     KINDS,
+    LABELS_STATS,
     SCORES,
     TEACHER_CALLS,
     TEACHER_TOKENS,
@@ -350,3 +351,21 @@ def test_report_says_which_roles_are_deterministic(tmp_path: Path) -> None:
     assert "slots" in det["junior"] and set(det) == {"teacher", "junior", "senior", "revisor"}
     page = (run / "report.html").read_text(encoding="utf-8")
     assert "<b>teacher</b>: deterministic" in page and "<b>junior</b>: not promised" in page
+
+
+def test_labels_block_counts_drops_swaps_and_mined_negatives(full_run: Path) -> None:
+    labels = _summary(full_run)["labels"]
+    assert labels["checked"] == 5 and labels["drops"] == LABELS_STATS["drops"]
+    assert labels["relabel"]["swap"] == 1 and labels["mining"]["mined"] == 3
+    page = (full_run / "report.html").read_text(encoding="utf-8")
+    block = page[page.index('<section id="labels">') : page.index('<section id="eval">')]
+    assert "relabel (teacher)" in block and "round trip (embedder, top 3)" in block
+    assert "mined negatives (mined, from the pool)" in block
+    assert re.search(r"<td>swap</td><td class=\"num\">1</td>", block)
+
+
+def test_no_labels_block_when_the_stage_checked_nothing(tmp_path: Path) -> None:
+    run = make_fake_run(tmp_path / "run", ("synthesize",))
+    build_report(run)
+    assert _summary(run)["labels"] is None
+    assert '<section id="labels">' not in (run / "report.html").read_text(encoding="utf-8")

@@ -350,6 +350,26 @@ def collect_examples(
     return summary, sample
 
 
+def collect_labels(stages: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """What the labels stage did (from its manifest stats): rows checked and kept, drops by reason,
+    relabel verdicts, round-trip ranks, mined negatives; None when it has not finished or checked
+    nothing (all of it off)."""
+    stage = next((s for s in stages if s["name"] == "labels" and s["state"] == "done"), None)
+    if stage is None or not stage["stats"].get("checked"):
+        return None
+    stats = stage["stats"]
+    return {
+        "input": stats.get("input"),
+        "checked": stats.get("checked"),
+        "count": stage.get("count"),
+        "drops": stage.get("drops") or {},
+        "relabel": stats.get("relabel"),
+        "round_trip": stats.get("round_trip"),
+        "mining": stats.get("mining"),
+        "seconds_per_1k_checked": stats.get("seconds_per_1k_checked"),
+    }
+
+
 def collect_judgements(run_dir: Path, n: int, warnings: _Warnings) -> tuple[int | None, list[dict[str, Any]]]:
     """The number of judge verdicts and a seeded sample of ``n`` of them."""
     folder = run_dir / "judge"
@@ -538,6 +558,7 @@ def collect_summary(
     evaluation = collect_eval(run_dir, warnings)
     plots = find_plots(run_dir)
     scale = collect_scale(run_dir, warnings)
+    labels = collect_labels(stages)
     done = [s for s in stages if s["state"] == "done"]
     summary = {
         "summary_version": SUMMARY_VERSION,
@@ -553,6 +574,7 @@ def collect_summary(
         "eval": evaluation,
         "scale": scale,
         "determinism": collect_determinism(run_dir, warnings),
+        "labels": labels,
         "plots": [str(p.relative_to(run_dir)) for p in plots],
         "warnings": list(warnings),
     }

@@ -9,6 +9,7 @@ from speed.stages import (  # noqa: F401  # noqa: E402, F401
     evaluate,
     judge,
     junior,
+    labels,
     revisions,
     revisor,
     seed,

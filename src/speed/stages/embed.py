@@ -1,7 +1,7 @@
 """embed: train the embedding model on the synthetic data (E5 recipe, :mod:`speed.training.contrastive`).
 
-Reads the training rows of ``synthesize`` (query with its instruction, positive, hard negative) and
-trains ``models.embedder.model`` with the ``embed`` section. The output is an ordinary
+Reads the training rows of ``labels`` (the rows of ``synthesize``, checked, relabeled and with mined
+negatives where ``labels`` says so: query with its instruction, positive, hard negative) and trains ``models.embedder.model`` with the ``embed`` section. The output is an ordinary
 sentence-transformers folder, ``model/``, plus ``model/training_stats.json``.
 """
 
@@ -16,7 +16,7 @@ from speed.stage import Stage, StageContext, StageError, register
 @register
 class Embed(Stage):
     name = "embed"
-    reads = ("synthesize",)
+    reads = ("labels",)
     roles = ("embedder",)
 
     def check(self, ctx: StageContext) -> None:
@@ -31,7 +31,7 @@ class Embed(Stage):
         # the trainer owns the instruction format (embed.use_instructions): hand it the bare query
         rows = [
             {**row, "query": row["query_text"]} if row.get("query_text") else row
-            for row in read_rows(ctx.input("synthesize"))
+            for row in read_rows(ctx.input("labels"))
         ]
         spec = ctx.cfg.models.embedder
         result = train_embedder(

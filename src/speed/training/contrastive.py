@@ -10,6 +10,11 @@ Design choices (E5-mistral, arXiv 2401.00368, which SPEED follows):
   is how a 2048 batch fits one GPU.
 - **Instructions**: the query side reads ``Instruct: {task}\\nQuery: {query}``; documents (positive, hard
   negative) are bare. A query that already starts with ``Instruct:`` is kept as is.
+- **False negatives** (``false_negatives``, off by default as in E5): ``gist`` trains with
+  sentence-transformers' ``GISTEmbedLoss``, where a frozen guide model (``guide_model``, by default
+  the base model) masks the in-batch negatives it scores above the positive; ``margin`` masks, by the
+  trained model's own scores, the in-batch negatives scoring at least ``positive - margin``
+  (:class:`speed.training.margin_masked_loss.MarginMaskedMultipleNegativesRankingLoss`).
 - **Rows**: mappings with ``query`` (or ``anchor``), ``positive``, optional ``negative`` (or
   ``hard_negative``) and optional ``instruction`` (or ``task``). Rows with and without a hard negative
   become two datasets sampled in proportion to their size (each batch comes from one of them, as a
@@ -392,6 +397,36 @@ def _checkpointing_kwargs(enabled: bool) -> dict[str, Any]:
     return {key: enabled}
 
 
+def _gist_loss(
+    st: Any, model: str | os.PathLike[str], cfg: EmbedConfig, device: str | None, gather: bool
+) -> Any:
+    """GISTEmbedLoss (or its GradCache form): a frozen guide model masks the negatives it scores
+    above the positive (less ``false_negative_margin``); the guide is ``guide_model`` or the base
+    model as loaded before training."""
+    from sentence_transformers.sentence_transformer.losses import CachedGISTEmbedLoss, GISTEmbedLoss
+
+    guide, _ = build_model(cfg.guide_model or model, cfg.model_copy(update={"lora_r": None}), device=device)
+    guide.eval()
+    for param in guide.parameters():
+        param.requires_grad_(False)
+    common: dict[str, Any] = {
+        "temperature": cfg.temperature,
+        "margin_strategy": "absolute",
+        "margin": cfg.false_negative_margin,
+        "gather_across_devices": gather,
+    }
+    if cfg.mini_batch_size:
+        return CachedGISTEmbedLoss(st, guide, mini_batch_size=cfg.mini_batch_size, **common)
+    return GISTEmbedLoss(st, guide, **common)
+
+
+def _false_negative_stats(loss: Any) -> dict[str, Any]:
+    """What the false-negative control did, for the stats (the margin mask counts its masks)."""
+    if hasattr(loss, "masked") and hasattr(loss, "seen"):
+        return {"false_negatives_masked": loss.masked, "in_batch_negatives_seen": loss.seen}
+    return {}
+
+
 def _world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
@@ -492,7 +527,15 @@ def train_embedder(
     scale = 1.0 / cfg.temperature
     gather = world > 1
     loss: Any
-    if cfg.mini_batch_size:
+    if cfg.false_negatives == "gist":
+        loss = _gist_loss(st, model, cfg, device, gather)
+    elif cfg.false_negatives == "margin":
+        from speed.training.margin_masked_loss import MarginMaskedMultipleNegativesRankingLoss
+
+        loss = MarginMaskedMultipleNegativesRankingLoss(
+            st, scale=scale, margin=cfg.false_negative_margin, gather_across_devices=gather
+        )
+    elif cfg.mini_batch_size:
         loss = CachedMultipleNegativesRankingLoss(
             st, scale=scale, mini_batch_size=cfg.mini_batch_size, gather_across_devices=gather
         )
@@ -591,6 +634,7 @@ def train_embedder(
             "lora_merged": bool(info["lora"] and cfg.merge_lora),
             "loss": type(loss).__name__,
             "scale": scale,
+            **_false_negative_stats(loss),
         },
     )
     if _is_main_process():
