@@ -295,7 +295,9 @@ def test_fitting_keeps_the_longest_length_that_fits():
     retrieval_kind, cls = get_kind("retrieval"), get_kind("classification")
     assert retrieval_kind.fit_lengths({"num_words": 500}, 250)["num_words"] == 100
     assert retrieval_kind.fit_lengths({"num_words": 500}, 30)["num_words"] == 50  # the shortest asked
-    assert cls.fit_lengths({"input_length": "at least 200 words"}, 150)["input_length"] == "at least 100 words"
+    assert (
+        cls.fit_lengths({"input_length": "at least 200 words"}, 150)["input_length"] == "at least 100 words"
+    )
 
 
 # --------------------------------------------------------------------------------------------

@@ -58,6 +58,7 @@ COLUMNS: dict[str, str] = {
 #: rows per Parquet part
 PART_ROWS = 100_000
 
+
 def corpus_texts(ctx: StageContext) -> list[str] | None:
     """Every passage of the run's corpus (prepared in ``RUN/corpus`` if it is not there yet, see
     :func:`speed.corpus.prepare`), or None when the config names no corpus."""
