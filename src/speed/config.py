@@ -747,6 +747,12 @@ class CandidatesConfig(Section):
     num_prompts: StrictInt = Field(10_000, gt=0, description="Prompts to sample (paper: 10K judge calls).")
     k: StrictInt = Field(5, ge=2, description="Candidates per prompt.")
     temperature: float = Field(1.0, ge=0)
+    json_schema: bool = Field(
+        True,
+        description="Ask the junior for the kind's JSON schema (constrained decoding where the backend "
+        "supports it), so that the judge compares contents, not broken JSON, and more verdicts yield "
+        "a DPO pair. false: free output, as the paper had it.",
+    )
 
 
 class JudgeConfig(Section):

@@ -87,7 +87,9 @@ class Candidates(GenerationStage):
             "junior",  # the trained junior (the env resolves its weights)
             [
                 chat(
-                    item["prompt"], sampling(spec, seed=item["seed"], temperature=ccfg.temperature, n=ccfg.k)
+                    item["prompt"],
+                    sampling(spec, seed=item["seed"], temperature=ccfg.temperature, n=ccfg.k),
+                    schema=get_kind(item["kind"]).json_schema() if ccfg.json_schema else None,
                 )
                 for item in payload
             ],
