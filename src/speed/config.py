@@ -923,6 +923,12 @@ class LabelsConfig(Section):
 class EmbedConfig(Section):
     """Contrastive training of the embedding model (E5 recipe)."""
 
+    seed: StrictInt | None = Field(
+        None,
+        description="Seed of the embedder's training (init of new weights, batches, dropout); None: "
+        "run.seed. Set it to train the same data several times (a spread over seeds) without "
+        "generating it again.",
+    )
     temperature: float = Field(0.02, gt=0, description="InfoNCE temperature (scale = 1/temperature).")
     learning_rate: float = Field(1e-4, gt=0)
     warmup_steps: StrictInt = Field(100, ge=0)

@@ -260,6 +260,9 @@ def test_keys_follow_what_shapes_each_stage(tmp_path):
     assert mix["seed"] != base["seed"] and mix["brainstorm"] == base["brainstorm"]
     # runtime fields of a model spec change speed, not output
     assert _keys(tmp_path, "models.teacher.threads=7") == base
+    # the embedder's own seed trains the same data again: nothing upstream of embed moves
+    seeded = _keys(tmp_path, "embed.seed=1")
+    assert seeded["labels"] == base["labels"] and seeded["embed"] != base["embed"]
 
 
 def test_a_rerun_stage_counts_the_calls_it_used_not_the_superseded_ones(tmp_path):

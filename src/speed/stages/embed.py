@@ -39,7 +39,7 @@ class Embed(Stage):
             spec.model or "",
             ctx.out / "model",
             ctx.cfg.embed,
-            seed=ctx.cfg.run.seed,
+            seed=ctx.cfg.run.seed if ctx.section.seed is None else ctx.section.seed,
             threads=spec.threads or ctx.cfg.run.threads,
             device=None if spec.device == "auto" else spec.device,
         )
