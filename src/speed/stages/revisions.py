@@ -120,6 +120,9 @@ class Revisions(GenerationStage):
     roles = ("senior", "teacher")
     release_after = ("senior",)
     nothing_kept = "no usable revision"
+    # the senior writes here as it will in synthesize (under the kind's schema, or free), so that the
+    # revisor learns to revise the outputs it will be given
+    extra_sections = ("synthesize.json_schema",)
 
     def template_names(self, cfg: Any) -> tuple[str, ...]:
         return (REVISE_TEMPLATE, *kind_templates(mix_kinds(cfg), generate=True))
@@ -167,8 +170,17 @@ class Revisions(GenerationStage):
 
         # 1. the senior writes
         sspec, tspec = job.cfg.models.senior, job.cfg.models.teacher
+        constrained = job.cfg.synthesize.json_schema
         outputs = job.generate(
-            "senior", [chat(item["prompt"], sampling(sspec, seed=item["senior_seed"])) for item in payload]
+            "senior",
+            [
+                chat(
+                    item["prompt"],
+                    sampling(sspec, seed=item["senior_seed"]),
+                    schema=get_kind(item["kind"]).json_schema() if constrained else None,
+                )
+                for item in payload
+            ],
         )
         records: list[dict[str, Any] | None] = [None] * len(payload)
         todo = []
