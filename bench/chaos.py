@@ -3,9 +3,11 @@
 One uninterrupted run of a config (configs/quickstart.yaml cut to the smallest counts that still
 cross every stage: teacher calls, LoRA training, GGUF conversion, synthesis shards, MiniLM training,
 evaluation), then the same config in a fresh folder, started, SIGKILLed after a seeded random delay,
-and started again, ``--kills`` times, then let finish. The kill moments are spread over the whole
-run: the delays are the gaps between ``--kills`` seeded uniform points of the reference run's wall
-time (plus each start's own overhead), so a kill lands wherever the resumed run happens to be.
+and started again, ``--kills`` times, then let finish. The kills are spread over every stage that
+takes a second or more in the reference run, in pipeline order (with more kills than such stages,
+some get two): each start is watched until the target stage starts (its "stage X starting" log
+line, or a later stage's), then killed after a seeded random share (10-90%) of that stage's
+reference duration. A start that finishes first is counted as such.
 
 Every generating role runs with ``options.deterministic`` (one llama.cpp slot, no prompt cache):
 byte-identical data across a kill needs the same text for the same request.
@@ -46,7 +48,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = [
     *("brainstorm", "seed", "junior", "candidates", "judge", "senior", "revisions", "revisor"),
-    *("synthesize", "embed", "evaluate"),
+    *("synthesize", "labels", "embed", "evaluate"),
 ]
 TEACHER_STAGES = {"brainstorm", "seed", "judge", "revisions"}
 DETERMINISTIC = "{parallel: 2, deterministic: true}"
@@ -95,34 +97,49 @@ def current_stage(run_dir: Path) -> str:
     return next((s for s in STAGES if not (run_dir / s / "manifest.json").is_file()), "done")
 
 
-#: keys of JSON files that hold wall times, not data
-TIMING_KEYS = re.compile(r"(seconds|_s|time|runtime|duration|per_second|_at)$")
+#: keys of JSON files that hold wall times, the process that wrote them or how many calls a resumed
+#: attempt sent or replayed: not data (mteb's `date` and `evaluation_phases`, a shard marker's `pid`,
+#: `host` and `teacher_sent` / `teacher_replayed`)
+VOLATILE_KEYS = re.compile(
+    r"(seconds|_s|time|runtime|duration|per_second|_at|^date|^evaluation_phases|^pid|^host|_sent|_replayed)$"
+)
+#: keys whose list is a set written in hash order (PEFT's target_modules)
+SET_KEYS = {"target_modules"}
 
 
-def _without_timings(obj: Any) -> Any:
+def _without_volatile(obj: Any) -> Any:
     if isinstance(obj, dict):
-        return {k: _without_timings(v) for k, v in obj.items() if not TIMING_KEYS.search(str(k))}
+        return {
+            k: sorted(v) if k in SET_KEYS and isinstance(v, list) else _without_volatile(v)
+            for k, v in obj.items()
+            if not VOLATILE_KEYS.search(str(k))
+        }
     if isinstance(obj, list):
-        return [_without_timings(v) for v in obj]
+        return [_without_volatile(v) for v in obj]
     return obj
 
 
 def file_hash(path: Path, run_dir: Path) -> str:
     """sha256 of a file, with the run folder's path written as ``<run>`` (source.json names it); of
-    a JSON file, with its wall-time fields left out (train_result.json's seconds)."""
+    a JSON file (and a shard's ``.done`` marker), with its volatile fields left out."""
     data = path.read_bytes().replace(str(run_dir).encode(), b"<run>")
-    if path.suffix == ".json":
+    if path.suffix in (".json", ".done"):
         with contextlib.suppress(ValueError):
-            data = json.dumps(_without_timings(json.loads(data)), sort_keys=True).encode()
+            data = json.dumps(_without_volatile(json.loads(data)), sort_keys=True).encode()
     return hashlib.sha256(data).hexdigest()
 
 
 def stage_hashes(run_dir: Path) -> dict[str, str]:
-    """Hash of every file of every stage folder, by path; manifests, logs and lock files left out."""
+    """Hash of every file of every stage folder, by path; manifests, logs, lock files and cache stamps
+    (a GGUF's stamp hashes its source files' mtimes, to know when to convert again) left out."""
     out = {}
     for stage in STAGES:
         for path in sorted((run_dir / stage).rglob("*")):
-            if path.is_file() and path.name != "manifest.json" and path.suffix not in (".log", ".lock"):
+            if (
+                path.is_file()
+                and path.name != "manifest.json"
+                and path.suffix not in (".log", ".lock", ".stamp")
+            ):
                 out[str(path.relative_to(run_dir))] = file_hash(path, run_dir)
     return out
 
@@ -168,6 +185,27 @@ def server_requests(pids: list[int]) -> tuple[int, int]:
     return started, finished
 
 
+def kill_plan(ref: Path, kills: int, rng: random.Random) -> list[tuple[str, float]]:
+    """(stage, seconds into it) of each kill: the stages of the reference run that take a second or
+    more, in pipeline order and spread evenly over the kills, each at a random 10-90% of its duration."""
+    durations = {}
+    for s in STAGES:
+        manifest = ref / s / "manifest.json"
+        if manifest.is_file():
+            durations[s] = float(json.loads(manifest.read_text()).get("duration_s") or 0.0)
+    targets = [s for s in STAGES if durations.get(s, 0.0) >= 1.0]
+    return [
+        (stage, round(rng.uniform(0.1, 0.9) * durations[stage], 1))
+        for stage in (targets[(i * len(targets)) // kills] for i in range(kills))
+    ]
+
+
+def started_stage(log_text: str) -> str | None:
+    """The last stage whose start the run log shows."""
+    found = re.findall(r"stage (\w+)\s+starting", log_text)
+    return found[-1] if found else None
+
+
 def run_once(cmd: list[str], env: dict[str, str], log: Path, pids: list[int]) -> tuple[int, float]:
     start = time.monotonic()
     with open(log, "ab") as fh:
@@ -200,28 +238,38 @@ def chaos(args: argparse.Namespace) -> dict[str, Any]:
         ref_record.write_text(json.dumps({"wall_s": ref_wall, "pids": ref_pids}))
         print(f"  {ref_wall:.0f} s", flush=True)
 
-    rng = random.Random(args.seed)
-    points = sorted(rng.uniform(0, ref_wall) for _ in range(args.kills))
-    gaps = [b - a for a, b in zip([0.0, *points[:-1]], points, strict=True)]
+    plan = kill_plan(ref, args.kills, random.Random(args.seed))
     cmd = _command(args.config, killed, args.override)
     kills: list[dict[str, Any]] = []
     wall = 0.0
-    for i, gap in enumerate(gaps):
-        delay = gap + args.start_s
+    log = work / "killed.log"
+    for i, (target, offset) in enumerate(plan):
         start = time.monotonic()
-        with open(work / "killed.log", "ab") as fh:
+        seen = log.stat().st_size if log.exists() else 0
+        entered: float | None = None
+        with open(log, "ab") as fh:
             proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT)
             killed_pids.append(proc.pid)
-            try:
-                proc.wait(timeout=delay)
-                kills.append({"at_s": delay, "stage": "finished first", "rc": proc.returncode})
-            except subprocess.TimeoutExpired:
-                stage = current_stage(killed)
-                proc.send_signal(signal.SIGKILL)
-                proc.wait()
-                kills.append({"at_s": round(delay, 1), "stage": stage, "rc": -9})
+            while proc.poll() is None:
+                if entered is None:
+                    with open(log, "rb") as tail:
+                        tail.seek(seen)
+                        stage = started_stage(tail.read().decode(errors="replace"))
+                    if stage in STAGES and STAGES.index(stage) >= STAGES.index(target):
+                        entered = time.monotonic()
+                if entered is not None and time.monotonic() - entered >= offset:
+                    stage = current_stage(killed)
+                    proc.send_signal(signal.SIGKILL)
+                    proc.wait()
+                    kills.append({"target": target, "at_s": offset, "stage": stage, "rc": -9})
+                    break
+                time.sleep(0.1)
+            else:
+                kills.append(
+                    {"target": target, "at_s": offset, "stage": "finished first", "rc": proc.returncode}
+                )
         wall += time.monotonic() - start
-        print(f"  kill {i + 1}/{args.kills} after {delay:.0f} s: {kills[-1]['stage']}", flush=True)
+        print(f"  kill {i + 1}/{args.kills}, {offset:.0f} s into {target}: {kills[-1]['stage']}", flush=True)
     rc, last = run_once(cmd, env, work / "killed.log", killed_pids)
     wall += last
     if rc != 0:
@@ -266,7 +314,6 @@ def main() -> int:
     p.add_argument("--config", default=str(ROOT / "configs" / "quickstart.yaml"))
     p.add_argument("--kills", type=int, default=20, help="SIGKILLs before the run may finish")
     p.add_argument("--seed", type=int, default=0, help="seed of the kill moments")
-    p.add_argument("--start-s", type=float, default=6.0, help="added to each delay: a start's own cost")
     p.add_argument("--work", help="folder for the two runs (default: a new temporary one)")
     p.add_argument("-o", "--override", action="append", default=[], help="more config overrides")
     p.add_argument("--json", help="also write the figures to this file")
