@@ -801,7 +801,7 @@ class StudyConfig(Section):
     """`speed study`: equal-size training sets from each data source, embedders trained on each."""
 
     sources: list[StudySource] = Field(
-        default_factory=lambda: list(STUDY_SOURCES),
+        default_factory=lambda: list(get_args(StudySource)),
         description="Data sources: teacher (E5-style), untuned (the generators' base model), junior, "
         "junior+revisor, senior, senior+revisor (SPEED's full pipeline).",
     )

@@ -211,11 +211,12 @@ class Synthesize(GenerationStage):
     """Senior writes, revisor revises, then parse, filter, decontaminate, dedup; sharded, resumable."""
 
     name = "synthesize"
-    reads = ("brainstorm", "senior", "revisor")
-    roles = ("senior", "revisor")
-    release_after = ("senior", "revisor")
+    # typed as the base class's, so that a study source (speed.study) may read and use others
+    reads: ClassVar[tuple[str, ...]] = ("brainstorm", "senior", "revisor")
+    roles: ClassVar[tuple[str, ...]] = ("senior", "revisor")
+    release_after: ClassVar[tuple[str, ...]] = ("senior", "revisor")
     # the evaluation tasks decide what decontamination drops (the rest of evaluate does not)
-    extra_sections = ("evaluate.tasks",)
+    extra_sections: ClassVar[tuple[str, ...]] = ("evaluate.tasks",)
     #: the role that writes the data; ``speed study`` writes the same prompts with other writers
     writer: ClassVar[str] = "senior"
 
