@@ -234,6 +234,10 @@ class Synthesize(GenerationStage):
         """The generator of the prompt plan's draws (kinds, tasks, attributes)."""
         return ctx.rng(salt)
 
+    def request_seed(self, ctx: StageContext, *parts: Any) -> int:
+        """The sampling seed of one request (``ctx.seed_for``: the run seed, this stage, ``parts``)."""
+        return ctx.seed_for(*parts)
+
     def decontam_tasks(self, cfg: Any) -> list[str]:
         """The evaluation tasks whose text the data must not share."""
         return list(cfg.evaluate.tasks)
@@ -320,8 +324,8 @@ class Synthesize(GenerationStage):
                 "start": start,
                 "kinds": part,
                 "rng_seed": self.plan_rng(ctx, f"shard/{i}").getrandbits(64),
-                "seeds": [ctx.seed_for(self.writer, writer_key, j) for j in indices],
-                "revise_seeds": [ctx.seed_for("revisor", revisor_key, j) for j in indices],
+                "seeds": [self.request_seed(ctx, self.writer, writer_key, j) for j in indices],
+                "revise_seeds": [self.request_seed(ctx, "revisor", revisor_key, j) for j in indices],
             }
             out.append(Shard(shard_id(i), payload))
         return out

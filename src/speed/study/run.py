@@ -364,6 +364,8 @@ def _train_and_evaluate(cfg: SpeedConfig, runner: StudyRunner) -> dict[str, Any]
         "speed_version": __version__,
         "train_and_eval_seconds": round(time.time() - started, 1),
     }
+    if not study.keep_models:  # the empty folders of the deleted models
+        shutil.rmtree(root / "models", ignore_errors=True)
     table = build_table(per_seed, sources, pairs, untrained, conditions)
     for emb_name, block in table["embedders"].items():
         for source, entry in block["scores"].items():

@@ -22,7 +22,9 @@ Design choices:
   preflight and the ledger are the pipeline's. Its folder is ``RUN/study/SOURCE``.
 - The prompt plan (kinds, tasks, attributes) is drawn from generators seeded by the run seed and
   ``study`` only, never the stage name, so every source gets the same prompts in the same order.
-  Request seeds do include the source and its writer's weights.
+  Request seeds hold the writer and its weights' key but not the source, so ``senior+revisor``
+  asks the senior exactly what ``senior`` asked: the ledger replays those answers, and the two sets
+  differ by the revisor's pass alone (likewise for the junior).
 - Prompts planned are ``N x study.oversample``; each source keeps its first N kept examples in plan
   order, and every source is then cut to the smallest count reached (:func:`training_sets`), so the
   sets are of equal size.
@@ -92,6 +94,14 @@ class SourceSynthesis(Synthesize):
     def plan_rng(self, ctx: StageContext, salt: str) -> random.Random:
         # the same draws for every source: only the writer differs between them
         return plan_rng(ctx.cfg.run.seed, salt)
+
+    def request_seed(self, ctx: StageContext, *parts: Any) -> int:
+        # not the stage name: senior and senior+revisor send the senior the same requests, so the
+        # second replays the first's answers from the ledger and differs from it by the revisor only
+        digest = hashlib.sha256(
+            "/".join(map(str, (ctx.cfg.run.seed, STUDY_DIR, *parts))).encode()
+        ).hexdigest()
+        return int(digest[:8], 16) & 0x7FFFFFFF
 
     def decontam_tasks(self, cfg: Any) -> list[str]:
         return list(dict.fromkeys([*cfg.evaluate.tasks, *cfg.study.tasks]))
