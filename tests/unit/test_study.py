@@ -7,6 +7,7 @@ table is built from known per-seed scores so that every figure can be checked by
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,8 @@ import pytest
 
 from speed.config import ConfigError, load_config
 from speed.io import write_json
+from speed.ledger import Ledger
+from speed.llm.base import Completion, Request
 from speed.stage import StageContext
 from speed.stages.synthesize import shard_prompts, training_rows, write_part
 from speed.study import (
@@ -276,3 +279,39 @@ def test_training_sets_are_cut_to_one_size_in_plan_order(tmp_path: Path) -> None
     assert all(not r["query"].startswith("Instruct:") for r in rows["b"])
     size2, _, _ = training_sets({"a": tmp_path / "a", "b": tmp_path / "b"}, num_examples=2)
     assert size2 == 2
+
+
+# --------------------------------------------------------------------------------------------
+# the run report
+
+
+def test_report_shows_the_study(tmp_path: Path) -> None:
+    from fakerun import TEACHER_CALLS, make_fake_run
+    from speed.report import build_report
+
+    run = make_fake_run(tmp_path / "run")
+    table = build_table(PER_SEED, SOURCES, [("senior+revisor", "junior")], {"minilm": _scores(0.82, 0.80)})
+    table["conditions"] = {"examples_per_source": 40, "seeds": [0, 1, 2], "tasks": ["STSBenchmark"]}
+    write_json(run / "study" / "table.json", table)
+    assert plot_table(table, run / "study" / "study_plot.png") is not None
+    # the teacher wrote the study's teacher-only data: real calls in the run's ledger
+    ledger = Ledger(run / "ledger.sqlite")
+    req = Request.chat("write an example")
+    done = Completion(texts=["{}"], tokens_in=10, tokens_out=10, latency_s=0.1)
+    ledger.record("study/teacher", "teacher", "m", [(req.key("teacher", "m"), req, done)])
+    ledger.close()
+    build_report(run)
+    summary = json.loads((run / "summary.json").read_text(encoding="utf-8"))
+    study = summary["study"]
+    assert study["examples_per_source"] == 40
+    full = study["embedders"]["minilm"]["scores"]["senior+revisor"]
+    assert full["average"]["mean"] == pytest.approx(0.77) and full["seeds"] == 3
+    assert study["embedders"]["minilm"]["pairs"][0]["beyond_noise"] is True
+    assert study["sources"]["junior"]["teacher_calls_per_example"] == 0.5
+    page = (run / "report.html").read_text(encoding="utf-8")
+    assert 'id="study"' in page and "senior+revisor − junior" in page
+    assert "[72.03, 81.97]" in page  # 77 ± 4.302653 x 2 / sqrt(3), x100
+    assert 'alt="study/study_plot.png"' in page
+    # the run's own teacher cost never counts a study's sources
+    assert summary["costs"]["teacher_total"]["calls"] == TEACHER_CALLS
+    assert summary["costs"]["teacher_ledger_total"]["calls"] == TEACHER_CALLS + 1
