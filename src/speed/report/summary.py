@@ -507,7 +507,7 @@ def collect_study(run_dir: Path, warnings: _Warnings) -> dict[str, Any] | None:
         data = read_json(path)
         embedders = {}
         for name, block in data["embedders"].items():
-            scores = {
+            scores: dict[str, dict[str, Any]] = {
                 source: {
                     "average": _interval(entry.get("average")),
                     "tasks": {t: _num(i.get("mean")) for t, i in entry.get("tasks", {}).items()},
