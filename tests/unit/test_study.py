@@ -263,22 +263,23 @@ def _write_source(folder: Path, kept: list[tuple[int, str]]) -> None:
 
 
 def test_training_sets_are_cut_to_one_size_in_plan_order(tmp_path: Path) -> None:
-    _write_source(tmp_path / "a", [(0, "sts"), (2, "sts"), (3, "sts"), (5, "sts")])
-    _write_source(tmp_path / "b", [(1, "sts"), (2, "sts"), (4, "sts")])
+    _write_source(tmp_path / "a", [(0, "sts"), (1, "sts"), (3, "sts"), (5, "sts")])
+    _write_source(tmp_path / "b", [(2, "sts"), (3, "sts"), (5, "sts")])
     size, rows, info = training_sets({"a": tmp_path / "a", "b": tmp_path / "b"}, num_examples=10)
     assert size == 3  # b kept 3: every source is cut to it
-    assert info["a"]["prompts"] == [0, 2, 3] and info["b"]["prompts"] == [1, 2, 4]
+    # the prompts both kept (3, 5) come first, then a's own in plan order (0, not 1)
+    assert info["a"]["prompts"] == [0, 3, 5] and info["b"]["prompts"] == [2, 3, 5]
     assert info["a"]["kept"] == 4 and info["a"]["examples"] == 3
     # an example's training rows stay together, and the trainer gets the bare query
     assert info["a"]["rows"] == len(rows["a"]) and {r["id"] for r in rows["a"]} == {
         "00000-0",
-        "00000-2",
         "00000-3",
+        "00000-5",
     }
     assert all(r["query"] == r["query_text"] for r in rows["a"])
     assert all(not r["query"].startswith("Instruct:") for r in rows["b"])
-    size2, _, _ = training_sets({"a": tmp_path / "a", "b": tmp_path / "b"}, num_examples=2)
-    assert size2 == 2
+    size2, _, info2 = training_sets({"a": tmp_path / "a", "b": tmp_path / "b"}, num_examples=2)
+    assert size2 == 2 and info2["a"]["prompts"] == info2["b"]["prompts"] == [3, 5]
 
 
 # --------------------------------------------------------------------------------------------

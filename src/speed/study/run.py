@@ -20,7 +20,7 @@ Design choices:
   it (pooling, EOS; LoRA adds nothing before a step), so a decoder LLM's untrained row is the
   same architecture as its trained rows.
 - Teacher calls per final example count, for each source, the calls of the stages its writer
-  needed (seed, judge, revisions) plus its own generation calls, over the examples it trains on.
+  needed (seed, judge, revisions) plus its own generation calls, over the examples it kept.
   Brainstorming is shared by every source and left out, as in the paper's figures.
 """
 
@@ -175,7 +175,8 @@ def _source_figures(
             "alignment_by_stage": alignment,
             "generation": generation,
             "total": total,
-            "per_example": (total / size) if size else None,
+            # over the source's final examples: all it kept, not only the ones the equal cut used
+            "per_example": (total / stats["count"]) if stats.get("count") else None,
         },
     }
 
@@ -271,6 +272,7 @@ def _train_and_evaluate(cfg: SpeedConfig, runner: StudyRunner) -> dict[str, Any]
                     {
                         "source_key": sources[source]["stage_key"],
                         "size": size,
+                        "examples": fingerprint(info[source]["prompts"]),
                         "model": emb.model,
                         "embed": emb.embed.model_dump(mode="json"),
                         "instructions": emb.instructions,

@@ -25,9 +25,10 @@ Design choices:
   Request seeds hold the writer and its weights' key but not the source, so ``senior+revisor``
   asks the senior exactly what ``senior`` asked: the ledger replays those answers, and the two sets
   differ by the revisor's pass alone (likewise for the junior).
-- Prompts planned are ``N x study.oversample``; each source keeps its first N kept examples in plan
-  order, and every source is then cut to the smallest count reached (:func:`training_sets`), so the
-  sets are of equal size.
+- Prompts planned are ``N x study.oversample``. Every source is cut to the smallest count of kept
+  examples, at most N (:func:`training_sets`), so the sets are of equal size; each takes first the
+  prompts that every source kept, then its own others in plan order, so the sets share as many
+  prompts as the sources' drops allow (``prompts_shared_by_all_sources`` in the table).
 - A source's key holds ``study.num_examples``, ``oversample`` and ``shard_size``, the synthesize
   settings that shape the data (kind mix, language, filters, dedup, JSON schema) and the
   decontamination tasks; not the seeds, embedders or pairs, so those can change without a call.
@@ -273,16 +274,21 @@ def training_sets(
 
     Returns:
         ``(size, rows, info)``: the common size (N, or fewer when a source kept fewer), each
-        source's training rows (those of its first ``size`` examples in plan order, the bare query
+        source's training rows (of ``size`` examples: first those whose prompt every source kept,
+        then its others, each group in plan order; the bare query
         as ``query`` for the trainer to prefix) and per source ``{"kept", "examples", "rows",
         "per_kind", "prompts"}`` (``prompts``: the plan indices used, to check they are shared).
     """
     kept = {source: kept_examples(folder) for source, folder in folders.items()}
     size = min([num_examples, *(len(k) for k in kept.values())]) if kept else 0
+    # prompts every source kept come first, so that the sets share as many prompts as they can
+    common = set.intersection(*({ex["index"] for ex in k} for k in kept.values())) if kept else set()
     rows: dict[str, list[dict[str, Any]]] = {}
     info: dict[str, dict[str, Any]] = {}
     for source, examples in kept.items():
-        chosen = examples[:size]
+        first = [ex for ex in examples if ex["index"] in common]
+        rest = [ex for ex in examples if ex["index"] not in common]
+        chosen = sorted((first + rest)[:size], key=lambda ex: ex["index"])
         rows[source] = [
             # the trainer owns the instruction format (embed.use_instructions): the bare query
             {**r, "query": r["query_text"]} if r.get("query_text") else dict(r)
