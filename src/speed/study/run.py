@@ -207,6 +207,10 @@ def _untrained(
     if saved is not None:
         return dict(saved["scores"])
     st, _ = build_model(emb.model, emb.embed.model_copy(update={"lora_r": None}))
+    if precision == "bf16":  # as the trained models are evaluated (evaluate_model loads them so)
+        import torch
+
+        st.to(torch.bfloat16)
     result = evaluate_model(
         st,
         tasks,
