@@ -267,7 +267,60 @@ def _train_and_evaluate(cfg: SpeedConfig, runner: StudyRunner) -> dict[str, Any]
     }
     training: dict[str, dict[str, dict[str, Any]]] = {e.name: {s: {} for s in stages} for e in embedders}
     total = len(study.seeds) * len(embedders) * len(stages)
+    table: dict[str, Any] = {}
     done = 0
+
+    def write_table(seeds_done: list[int]) -> dict[str, Any]:
+        """Build the table of the seeds done and write table.json, table.md and the plot."""
+        pairs: list[tuple[str, str]] = [(a, b) for a, b in study.pairs] if study.pairs is not None else [
+            (a, b) for a, b in STUDY_PAIRS if a in stages and b in stages
+        ]  # fmt: skip
+        conditions = {
+            "examples_per_source": size,
+            "num_examples_asked": study.num_examples,
+            "prompts_planned": max(s["generated"] or 0 for s in sources.values()),
+            "prompts_shared_by_all_sources": len(shared_prompts(info)),
+            "seeds": list(seeds_done),
+            "tasks": tasks,
+            "embedders": {
+                e.name: {
+                    "model": e.model,
+                    "instructions": e.instructions,
+                    "lora_r": e.embed.lora_r,
+                    "pooling": e.embed.pooling,
+                    "batch_size": e.embed.batch_size,
+                    "learning_rate": e.embed.learning_rate,
+                    "epochs": e.embed.epochs,
+                    "max_steps": e.embed.max_steps,
+                }
+                for e in embedders
+            },
+            "writers": {
+                "teacher": cfg.models.teacher.model,
+                "generator base": cfg.models.junior.model,
+                "revisor base": cfg.models.revisor.model,
+            },
+            "run_seed": cfg.run.seed,
+            "threads": threads,
+            "precision": precision,
+            "speed_version": __version__,
+            "train_and_eval_seconds": round(time.time() - started, 1),
+        }
+        table = build_table(per_seed, sources, pairs, untrained, conditions)
+        for emb_name, block in table["embedders"].items():
+            for source, entry in block["scores"].items():
+                entry["training"] = training[emb_name][source]
+        write_json(root / "table.json", table)
+        with atomic_write(root / "table.md") as fh:
+            fh.write(markdown_table(table))
+        plot = plot_table(table, root / "study_plot.png")
+        table["paths"] = {
+            "json": str(root / "table.json"),
+            "markdown": str(root / "table.md"),
+            "plot": str(plot) if plot else None,
+        }
+        return table
+
     for seed in study.seeds:
         for emb in embedders:
             for source in stages:
@@ -336,55 +389,10 @@ def _train_and_evaluate(cfg: SpeedConfig, runner: StudyRunner) -> dict[str, Any]
                     )
                 per_seed[emb.name][source][seed] = saved["scores"]
                 training[emb.name][source][str(seed)] = saved["training"]
-    pairs: list[tuple[str, str]] = [(a, b) for a, b in study.pairs] if study.pairs is not None else [
-        (a, b) for a, b in STUDY_PAIRS if a in stages and b in stages
-    ]  # fmt: skip
-    conditions = {
-        "examples_per_source": size,
-        "num_examples_asked": study.num_examples,
-        "prompts_planned": max(s["generated"] or 0 for s in sources.values()),
-        "prompts_shared_by_all_sources": len(shared_prompts(info)),
-        "seeds": list(study.seeds),
-        "tasks": tasks,
-        "embedders": {
-            e.name: {
-                "model": e.model,
-                "instructions": e.instructions,
-                "lora_r": e.embed.lora_r,
-                "pooling": e.embed.pooling,
-                "batch_size": e.embed.batch_size,
-                "learning_rate": e.embed.learning_rate,
-                "epochs": e.embed.epochs,
-                "max_steps": e.embed.max_steps,
-            }
-            for e in embedders
-        },
-        "writers": {
-            "teacher": cfg.models.teacher.model,
-            "generator base": cfg.models.junior.model,
-            "revisor base": cfg.models.revisor.model,
-        },
-        "run_seed": cfg.run.seed,
-        "threads": threads,
-        "precision": precision,
-        "speed_version": __version__,
-        "train_and_eval_seconds": round(time.time() - started, 1),
-    }
+        # after every seed: a study stopped later still leaves the table of the seeds it finished
+        table = write_table(seeds_done=study.seeds[: study.seeds.index(seed) + 1])
     if not study.keep_models:  # the empty folders of the deleted models
         shutil.rmtree(root / "models", ignore_errors=True)
-    table = build_table(per_seed, sources, pairs, untrained, conditions)
-    for emb_name, block in table["embedders"].items():
-        for source, entry in block["scores"].items():
-            entry["training"] = training[emb_name][source]
-    write_json(root / "table.json", table)
-    with atomic_write(root / "table.md") as fh:
-        fh.write(markdown_table(table))
-    plot = plot_table(table, root / "study_plot.png")
-    table["paths"] = {
-        "json": str(root / "table.json"),
-        "markdown": str(root / "table.md"),
-        "plot": str(plot) if plot else None,
-    }
     logger.info("study: table in %s", root / "table.md")
     return table
 
