@@ -338,6 +338,25 @@ def cmd_scale_study(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    from speed.runner import setup_logging
+    from speed.study import run_study
+
+    cfg = load_config(args.config, args.override)
+    run_dir = Path(cfg.run.dir)
+
+    def start() -> None:
+        setup_logging(run_dir, cfg.run.log_level)
+        logger.info("study %s: sources %s", run_dir, ", ".join(cfg.study.sources))
+
+    table = run_study(cfg, on_start=start)
+    print((run_dir / "study" / "table.md").read_text(encoding="utf-8"))
+    print(f"table: {table['paths']['json']}")
+    if table["paths"]["plot"]:
+        print(f"plot: {table['paths']['plot']}")
+    return 0
+
+
 # --------------------------------------------------------------------------------------------
 
 
@@ -497,6 +516,18 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--tasks", help="comma-separated tasks (default: evaluate.tasks of the run)")
     sc.add_argument("--out", help="output folder (default: RUN/scale_study)")
     sc.set_defaults(func=cmd_scale_study)
+
+    sy = sub.add_parser(
+        "study",
+        parents=[common],
+        help="the ablation: equal-size data from each source (teacher, untuned, junior, senior, +revisor), "
+        "embedders trained on each over seeds, scores with 95%% intervals (resumes)",
+    )
+    sy.epilog = EXIT_CODES
+    sy.add_argument("config", help="YAML config with a study section, e.g. configs/study.yaml")
+    sy.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
+                    help="dotted override, e.g. -o study.num_examples=40 (repeatable)")  # fmt: skip
+    sy.set_defaults(func=cmd_study)
     return p
 
 

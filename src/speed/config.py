@@ -997,6 +997,91 @@ class EvaluateConfig(Section):
     )
 
 
+#: the data sources of ``speed study`` (SPEED's ablation, plus E5's teacher-only and an untuned writer)
+StudySource = Literal["teacher", "untuned", "junior", "junior+revisor", "senior", "senior+revisor"]
+STUDY_SOURCES: tuple[str, ...] = get_args(StudySource)
+
+
+class StudyEmbedder(Section):
+    """One embedder the study trains on every source's data."""
+
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9_.-]+$", description="Label in tables and the folder name of its results."
+    )
+    model: str = Field(description="The model to start from (packaged name, local folder or hub name).")
+    embed: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Keys of the `embed` section that differ for this embedder (lora_r, pooling, ...).",
+    )
+    instructions: bool | None = Field(
+        None, description="Evaluate with E5-style task instructions; None: as its embed.use_instructions."
+    )
+
+
+#: the paper's comparisons (a, b): is a better than b beyond the noise of seeds?
+STUDY_PAIRS: list[tuple[str, str]] = [
+    ("senior+revisor", "senior"),
+    ("senior+revisor", "junior+revisor"),
+    ("senior+revisor", "junior"),
+    ("senior+revisor", "untuned"),
+    ("senior+revisor", "teacher"),
+    ("senior", "junior"),
+    ("junior", "untuned"),
+]
+
+
+class StudyConfig(Section):
+    """`speed study`: equal-size training sets from each data source, embedders trained on each."""
+
+    sources: list[StudySource] = Field(
+        default_factory=lambda: list(get_args(StudySource)),
+        description="Data sources: teacher (E5-style), untuned (the generators' base model), junior, "
+        "junior+revisor, senior, senior+revisor (SPEED's full pipeline).",
+    )
+    num_examples: StrictInt = Field(1000, gt=0, description="Training examples per source (N).")
+    oversample: float = Field(
+        1.25,
+        ge=1.0,
+        description="Prompts planned = N x oversample, so that a source whose outputs are dropped "
+        "(parse, filters, dedup) still reaches N; every source keeps its first N in plan order.",
+    )
+    shard_size: StrictInt = Field(100, gt=0, description="Prompts per shard (the unit of resume).")
+    seeds: list[StrictInt] = Field(
+        default_factory=lambda: [0, 1, 2], min_length=1, description="Training seeds per embedder and source."
+    )
+    embedders: list[StudyEmbedder] = Field(
+        default_factory=list, description="Embedders to train; empty: models.embedder with the embed section."
+    )
+    tasks: list[str] = Field(
+        default_factory=lambda: ["STSBenchmark", "Banking77Classification", "TrecQA-clean"],
+        description="Evaluation tasks (MTEB's own, from evaluate.data_dir).",
+    )
+    pairs: list[tuple[str, str]] | None = Field(
+        None,
+        description="Pairwise differences to report (a minus b, paired by seed); None: the paper's "
+        "comparisons among the sources studied.",
+    )
+    keep_models: bool = Field(False, description="Keep every trained model (they are deleted once scored).")
+
+    @model_validator(mode="after")
+    def _distinct(self) -> StudyConfig:
+        names = [e.name for e in self.embedders]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"study.embedders: the name(s) {twice} are used twice; give each its own")
+        for a, b in self.pairs or []:
+            for s in (a, b):
+                if s not in self.sources:
+                    hint = did_you_mean(s, self.sources)
+                    raise ValueError(f"study.pairs names '{s}', which is not in study.sources.{hint}")
+        for e in self.embedders:
+            unknown = [k for k in e.embed if k not in EmbedConfig.model_fields]
+            if unknown:
+                valid = list(EmbedConfig.model_fields)
+                raise ValueError(_unknown(f"study.embedders[{e.name}].embed.{unknown[0]}", unknown[0], valid))
+        return self
+
+
 class SpeedConfig(Section):
     """The whole config of a run."""
 
@@ -1018,6 +1103,7 @@ class SpeedConfig(Section):
     labels: LabelsConfig = Field(default_factory=LabelsConfig)
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    study: StudyConfig = Field(default_factory=StudyConfig)
     #: sections added by plugins (validated by the stage that owns them)
     extra: dict[str, dict[str, Any]] = Field(default_factory=dict)
 

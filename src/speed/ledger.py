@@ -505,7 +505,8 @@ def cost_summary(run_dir: Path) -> dict[str, Any]:
     try:
         per_stage: dict[str, Totals] = {}
         for (stage, role), spent in ledger.breakdown().items():
-            if role != "teacher":
+            # a study's data sources (speed study, RUN/study/SOURCE) are no part of the run's data
+            if role != "teacher" or stage.startswith("study/"):
                 continue
             manifest = run_dir / stage / "manifest.json"
             key = read_json(manifest).get("key") if manifest.exists() else None

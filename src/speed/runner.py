@@ -313,9 +313,10 @@ class Runner:
         problem = data_files_problem(self.run_dir / name, manifest)
         return StageStatus(name, key, "damaged" if problem else "done", manifest, problem)
 
-    def select(self, only: str | None = None, until: str | None = None) -> list[type[Stage]]:
+    def select(self, only: str | None = None, until: str | Sequence[str] | None = None) -> list[type[Stage]]:
         names = [c.name for c in self.stages]
-        for flag, value in (("--only", only), ("--until", until)):
+        targets = [until] if isinstance(until, str) else list(until or ())
+        for flag, value in (("--only", only), *(("--until", t) for t in targets)):
             if value is not None and value not in names:
                 hint = did_you_mean(value, names)
                 raise ConfigError(
@@ -323,7 +324,7 @@ class Runner:
                 )
         if only is not None:
             return [self.registry[only]]
-        if until is not None:
+        if targets:
             needed: set[str] = set()
 
             def add(n: str) -> None:
@@ -332,16 +333,18 @@ class Runner:
                     for up in self.registry[n].reads:
                         add(up)
 
-            add(until)
+            for target in targets:
+                add(target)
             return [c for c in self.stages if c.name in needed]
         return list(self.stages)
 
     def run(
         self,
         only: str | None = None,
-        until: str | None = None,
+        until: str | Sequence[str] | None = None,
         *,
         on_start: Callable[[], None] | None = None,
+        then: Callable[[], None] | None = None,
     ) -> list[StageStatus]:
         """Run what is not done; return the final statuses.
 
@@ -353,9 +356,11 @@ class Runner:
 
         Args:
             only: run this stage only (its inputs must be done).
-            until: run this stage and the stages it needs.
+            until: run this stage (or these stages) and the stages it needs.
             on_start: called once the lock is held, before the first stage (the CLI starts the
                 run's log file there).
+            then: called still under the lock once the stages are done and the run's backends
+                closed (``speed study`` trains and evaluates there).
 
         Raises:
             ConfigError: an unknown stage; a failed preflight check (PreflightError).
@@ -398,6 +403,8 @@ class Runner:
                     states[cls.name] = self._stage_status(cls.name)
             finally:
                 session.close()
+            if then is not None:
+                then()
         return self.status()
 
     def _run_stage(self, cls: type[Stage], session: RunSession) -> None:
@@ -470,6 +477,7 @@ class Runner:
         # the work folder keeps its KEY until it is renamed: a crash before the rename leaves a
         # finished stage that the rerun commits (a work folder without KEY would be thrown away)
         final = self.run_dir / name
+        final.parent.mkdir(parents=True, exist_ok=True)  # a nested stage name (study/teacher)
         if final.exists():
             trash = self.run_dir / ".work" / f"{name}.old"
             if trash.exists():

@@ -134,6 +134,9 @@ def render_html(
         verdicts=verdicts,
         kinds=sorted({str(r.get("kind") or "unknown") for r in sample}),
         plots=plots,
+        study_plot=_plot(run_dir, summary["study"]["plot"])
+        if (summary.get("study") or {}).get("plot")
+        else None,
         score_factor=factor,
         max_duration=max_duration or 1.0,
         css=Markup(_resource("report.css")),

@@ -532,6 +532,69 @@ def collect_scale(run_dir: Path, warnings: _Warnings) -> dict[str, Any] | None:
     }
 
 
+def _interval(obj: Any) -> dict[str, float | None]:
+    src = obj if isinstance(obj, Mapping) else {}
+    return {k: _num(src.get(k)) for k in ("mean", "low", "high", "half_width")}
+
+
+def collect_study(run_dir: Path, warnings: _Warnings) -> dict[str, Any] | None:
+    """The ablation table of ``speed study`` (``RUN/study/table.json``), when the run holds one:
+    per embedder and source the average with its interval and the task means, the untrained
+    model's average, the paired differences, and per source its teacher calls per example."""
+    path = run_dir / "study" / "table.json"
+    if not path.is_file():
+        return None
+    try:
+        data = read_json(path)
+        embedders = {}
+        for name, block in data["embedders"].items():
+            scores: dict[str, dict[str, Any]] = {
+                source: {
+                    "average": _interval(entry.get("average")),
+                    "tasks": {t: _num(i.get("mean")) for t, i in entry.get("tasks", {}).items()},
+                    "seeds": len(entry.get("seeds", {})),
+                }
+                for source, entry in block["scores"].items()
+            }
+            untrained = block.get("untrained") or {}
+            embedders[name] = {
+                "scores": scores,
+                "tasks": sorted({t for e in scores.values() for t in e["tasks"]}),
+                "untrained_average": _num(untrained.get("average")),
+                "pairs": [
+                    {
+                        "a": p["a"],
+                        "b": p["b"],
+                        **_interval(p.get("average")),
+                        "beyond_noise": p.get("average", {}).get("beyond_noise"),
+                    }
+                    for p in block.get("pairs", [])
+                ],
+            }
+        sources = {
+            source: {
+                "examples": f.get("examples"),
+                "kept_rate": _num(f.get("kept_rate")),
+                "teacher_calls_per_example": _num(f.get("teacher_calls", {}).get("per_example")),
+            }
+            for source, f in data.get("sources", {}).items()
+        }
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        warnings.add(f"{path} is unreadable or of another shape ({err}); the study is left out")
+        return None
+    cond = data.get("conditions", {})
+    plot = run_dir / "study" / "study_plot.png"
+    return {
+        "file": str(path.relative_to(run_dir)),
+        "examples_per_source": cond.get("examples_per_source"),
+        "seeds": cond.get("seeds"),
+        "tasks": cond.get("tasks"),
+        "embedders": embedders,
+        "sources": sources,
+        "plot": str(plot.relative_to(run_dir)) if plot.is_file() else None,
+    }
+
+
 # --------------------------------------------------------------------------------------------
 
 
@@ -559,6 +622,7 @@ def collect_summary(
     plots = find_plots(run_dir)
     scale = collect_scale(run_dir, warnings)
     labels = collect_labels(stages)
+    study = collect_study(run_dir, warnings)
     done = [s for s in stages if s["state"] == "done"]
     summary = {
         "summary_version": SUMMARY_VERSION,
@@ -575,6 +639,7 @@ def collect_summary(
         "scale": scale,
         "determinism": collect_determinism(run_dir, warnings),
         "labels": labels,
+        "study": study,
         "plots": [str(p.relative_to(run_dir)) for p in plots],
         "warnings": list(warnings),
     }

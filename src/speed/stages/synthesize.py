@@ -63,7 +63,7 @@ import socket
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from speed.executors.base import Shard
 from speed.io import atomic_write, read_jsonl
@@ -237,16 +237,51 @@ class Synthesize(GenerationStage):
     """Senior writes, revisor revises, then parse, filter, decontaminate, dedup; sharded, resumable."""
 
     name = "synthesize"
-    reads = ("brainstorm", "senior", "revisor")
-    roles = ("senior", "revisor")
-    release_after = ("senior", "revisor")
+    # typed as the base class's, so that a study source (speed.study) may read and use others
+    reads: ClassVar[tuple[str, ...]] = ("brainstorm", "senior", "revisor")
+    roles: ClassVar[tuple[str, ...]] = ("senior", "revisor")
+    release_after: ClassVar[tuple[str, ...]] = ("senior", "revisor")
     # the evaluation tasks decide what decontamination drops (the rest of evaluate does not)
-    extra_sections = ("evaluate.tasks",)
+    extra_sections: ClassVar[tuple[str, ...]] = ("evaluate.tasks",)
+    #: the role that writes the data; ``speed study`` writes the same prompts with other writers
+    writer: ClassVar[str] = "senior"
+
+    # -- what varies between the pipeline's synthesis and a study source (speed.study) -----------
+
+    def revises(self, cfg: Any) -> bool:
+        """Whether the revisor makes its pass over the writer's outputs."""
+        return bool(cfg.synthesize.revise)
+
+    def plan_size(self, ctx: StageContext) -> tuple[int, int]:
+        """Prompts to plan and prompts per shard."""
+        return ctx.cfg.synthesize.num_examples, ctx.cfg.synthesize.shard_size
+
+    def plan_rng(self, ctx: StageContext, salt: str) -> random.Random:
+        """The generator of the prompt plan's draws (kinds, tasks, attributes)."""
+        return ctx.rng(salt)
+
+    def request_seed(self, ctx: StageContext, *parts: Any) -> int:
+        """The sampling seed of one request (``ctx.seed_for``: the run seed, this stage, ``parts``)."""
+        return ctx.seed_for(*parts)
+
+    def decontam_tasks(self, cfg: Any) -> list[str]:
+        """The evaluation tasks whose text the data must not share."""
+        return list(cfg.evaluate.tasks)
+
+    def weights_key(self, ctx: StageContext, role: str) -> str:
+        """The key of the stage that trained ``role``'s weights for this stage, or ``base`` when
+        it runs its spec's own model; it salts the request seeds, so a retrained model is asked anew."""
+        from speed.roles import TRAINED_BY
+
+        trained = TRAINED_BY.get(role)
+        if trained is None or trained[0] not in ctx.reads:
+            return "base"
+        return str(ctx.manifest(trained[0])["key"])
 
     def template_names(self, cfg: Any) -> tuple[str, ...]:
         kinds = [k for k, w in cfg.synthesize.kind_mix.items() if w > 0]
         names = kind_templates(kinds, generate=True)
-        if cfg.synthesize.revise:
+        if self.revises(cfg):
             names.append("revisor")
         return tuple(names)
 
@@ -270,12 +305,13 @@ class Synthesize(GenerationStage):
     def decontaminator(self, ctx: StageContext) -> Any:
         """The evaluation-text index, or None when decontamination is off or has no task."""
         scfg, ecfg = ctx.cfg.synthesize, ctx.cfg.evaluate
-        if not scfg.decontaminate or not ecfg.tasks:
+        tasks = self.decontam_tasks(ctx.cfg)
+        if not scfg.decontaminate or not tasks:
             return None
         from speed.data.decontam import Decontaminator
 
         try:
-            return Decontaminator.from_eval_dir(ecfg.tasks, ecfg.data_dir, n=scfg.decontam_ngram)
+            return Decontaminator.from_eval_dir(tasks, ecfg.data_dir, n=scfg.decontam_ngram)
         except (FileNotFoundError, ValueError) as err:
             raise StageError(
                 f"stage 'synthesize': cannot read the evaluation data to decontaminate against ({err}); "
@@ -285,14 +321,14 @@ class Synthesize(GenerationStage):
     def check(self, ctx: StageContext) -> None:
         self.pool(ctx)
         grounding(ctx)  # an unreadable corpus fails here, before the first call
-        ctx.weights("senior")  # the trained senior and revisor, as this stage reads their stages
-        if ctx.cfg.synthesize.revise:
+        ctx.weights(self.writer)  # the trained writer and revisor, as this stage reads their stages
+        if self.revises(ctx.cfg):
             ctx.weights("revisor")
-        if ctx.cfg.synthesize.decontaminate and ctx.cfg.evaluate.tasks:
+        if ctx.cfg.synthesize.decontaminate and self.decontam_tasks(ctx.cfg):
             from speed.data.decontam import find_eval_dir, resolve_eval_folders
 
             try:
-                resolve_eval_folders(ctx.cfg.evaluate.tasks, find_eval_dir(ctx.cfg.evaluate.data_dir))
+                resolve_eval_folders(self.decontam_tasks(ctx.cfg), find_eval_dir(ctx.cfg.evaluate.data_dir))
             except (FileNotFoundError, ValueError) as err:
                 raise StageError(
                     f"stage 'synthesize': cannot find the evaluation data to decontaminate against ({err}); "
@@ -305,28 +341,30 @@ class Synthesize(GenerationStage):
         """All shards of the plan, in order. A payload holds the shard's kinds, seeds and the seed
         of its task and attribute draws; :func:`shard_prompts` turns it into prompts."""
         scfg = ctx.cfg.synthesize
-        kinds = plan_kinds(scfg.num_examples, scfg.kind_mix, ctx.rng("kinds"))
+        num, shard_size = self.plan_size(ctx)
+        kinds = plan_kinds(num, scfg.kind_mix, self.plan_rng(ctx, "kinds"))
         # the ledger names the senior and revisor by their folders in the run; their stages' keys in
         # the seeds make a retrained model's requests new ones, not replays of the old model's answers
-        senior_key = ctx.manifest("senior")["key"]
-        revisor_key = ctx.manifest("revisor")["key"]
+        writer_key = self.weights_key(ctx, self.writer)
+        revisor_key = self.weights_key(ctx, "revisor")
         ground = grounding(ctx)
         out = []
-        for i, start in enumerate(range(0, len(kinds), scfg.shard_size)):
-            part = kinds[start : start + scfg.shard_size]
+        for i, start in enumerate(range(0, len(kinds), shard_size)):
+            part = kinds[start : start + shard_size]
             indices = range(start, start + len(part))
             payload = {
                 "start": start,
                 "kinds": part,
-                "rng_seed": ctx.rng(f"shard/{i}").getrandbits(64),
-                "seeds": [ctx.seed_for("senior", senior_key, j) for j in indices],
-                "revise_seeds": [ctx.seed_for("revisor", revisor_key, j) for j in indices],
+                "rng_seed": self.plan_rng(ctx, f"shard/{i}").getrandbits(64),
+                "seeds": [self.request_seed(ctx, self.writer, writer_key, j) for j in indices],
+                "revise_seeds": [self.request_seed(ctx, "revisor", revisor_key, j) for j in indices],
+                # lengths the pipeline's writer (the senior) can hold: the same prompts whoever writes
                 "max_words": answer_words(ctx.cfg.models.senior.max_tokens),
             }
             if ground is not None:
                 # the shard carries its passages (not the whole sample), drawn on the driver from
                 # a stream of the shard's own, so that a worker needs no corpus of its own
-                draw = ctx.rng(f"passages/{i}")
+                draw = self.plan_rng(ctx, f"passages/{i}")
                 payload["passages"] = [
                     draw.choice(ground.passages) if k in ground.kinds else None for k in part
                 ]
@@ -334,15 +372,14 @@ class Synthesize(GenerationStage):
         return out
 
     def plan(self, ctx: StageContext) -> Plan:
-        scfg = ctx.cfg.synthesize
         shards = self.shards(ctx)
-        logger.info("synthesize: %d prompts in %d shards", scfg.num_examples, len(shards))
+        logger.info("%s: %d prompts in %d shards", ctx.name, self.plan_size(ctx)[0], len(shards))
         return Plan(shards)
 
     def worker_context(self, ctx: StageContext) -> dict[str, Any]:
-        spec_s, spec_r = ctx.cfg.models.senior, ctx.cfg.models.revisor
+        spec_s, spec_r = getattr(ctx.cfg.models, self.writer), ctx.cfg.models.revisor
         return {
-            "senior": {
+            "writer": {
                 "temperature": spec_s.temperature,
                 "top_p": spec_s.top_p,
                 "max_tokens": spec_s.max_tokens,
@@ -356,7 +393,7 @@ class Synthesize(GenerationStage):
         }
 
     def process(self, job: Job, payload: dict[str, Any]) -> dict[str, Any]:
-        """Senior writes each prompt of the shard, the revisor revises, then parse and filter."""
+        """The writer (senior) writes each prompt of the shard, the revisor revises, then parse and filter."""
         from speed.data.filters import DropCounter, first_failure
         from speed.stages.alignment import build_filters
         from speed.tasks import get_kind
@@ -367,16 +404,16 @@ class Synthesize(GenerationStage):
         schema = [k.json_schema() if scfg.json_schema else None for k in kinds]
         # the env resolves the trained senior's and revisor's folders, on the driver or a Ray actor
         senior = job.generate(
-            "senior",
+            self.writer,
             [
-                Request.chat(p["prompt"], sampling=Sampling(**context["senior"], seed=p["seed"]), schema=s)
+                Request.chat(p["prompt"], sampling=Sampling(**context["writer"], seed=p["seed"]), schema=s)
                 for p, s in zip(prompts, schema, strict=True)
             ],
         )
         parsed = [k.parse(c.text) if c.error is None else None for k, c in zip(kinds, senior, strict=True)]
 
         revised_texts: dict[int, str | None] = {}
-        if scfg.revise:
+        if self.revises(job.cfg):
             todo = [i for i, c in enumerate(senior) if c.error is None and c.text.strip()]
             requests = [
                 Request.chat(
