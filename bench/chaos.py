@@ -89,7 +89,8 @@ def teacher_log(pid: int) -> Path:
 
 
 def _command(config: str, run_dir: Path, extra: list[str]) -> list[str]:
-    return [sys.executable, "-m", "speed.cli", "run", config, *_overrides(run_dir, extra)]
+    until = ["--until", STAGES[-1]]  # the last stage this bench covers (--until)
+    return [sys.executable, "-m", "speed.cli", "run", config, *until, *_overrides(run_dir, extra)]
 
 
 def current_stage(run_dir: Path) -> str:
@@ -317,7 +318,10 @@ def main() -> int:
     p.add_argument("--work", help="folder for the two runs (default: a new temporary one)")
     p.add_argument("-o", "--override", action="append", default=[], help="more config overrides")
     p.add_argument("--json", help="also write the figures to this file")
+    p.add_argument("--until", choices=STAGES, help="stop the pipeline after this stage (a shorter bench)")
     args = p.parse_args()
+    if args.until:
+        del STAGES[STAGES.index(args.until) + 1 :]
     cpu = next(
         (
             ln.split(":", 1)[1].strip()
