@@ -244,16 +244,19 @@ def chaos(args: argparse.Namespace) -> dict[str, Any]:
     kills: list[dict[str, Any]] = []
     wall = 0.0
     log = work / "killed.log"
+    # the run's own log file is written record by record (its stdout is buffered): it says when the
+    # target stage starts
+    run_log = killed / "logs" / "run.log"
     for i, (target, offset) in enumerate(plan):
         start = time.monotonic()
-        seen = log.stat().st_size if log.exists() else 0
+        seen = run_log.stat().st_size if run_log.exists() else 0
         entered: float | None = None
         with open(log, "ab") as fh:
             proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT)
             killed_pids.append(proc.pid)
             while proc.poll() is None:
-                if entered is None:
-                    with open(log, "rb") as tail:
+                if entered is None and run_log.exists():
+                    with open(run_log, "rb") as tail:
                         tail.seek(seen)
                         stage = started_stage(tail.read().decode(errors="replace"))
                     if stage in STAGES and STAGES.index(stage) >= STAGES.index(target):
