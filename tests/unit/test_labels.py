@@ -25,41 +25,6 @@ from speed.data.labels import (
 )
 from tiny import bow_model
 
-WORDS = [
-    "cat",
-    "dog",
-    "mat",
-    "tree",
-    "sun",
-    "moon",
-    "rain",
-    "snow",
-    "river",
-    "sea",
-    "ship",
-    "car",
-    "road",
-    "bread",
-    "milk",
-    "cheese",
-    "apple",
-    "pear",
-    "king",
-    "queen",
-    "castle",
-    "sword",
-    "gold",
-    "coin",
-    "book",
-    "page",
-    "ink",
-    "pen",
-    "lamp",
-    "light",
-    "night",
-    "star",
-]
-
 
 @pytest.fixture(scope="module")
 def model() -> Any:
