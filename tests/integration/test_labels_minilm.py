@@ -104,12 +104,13 @@ def run_stage(
     (run / "synthesize").mkdir(parents=True)
     (run / "synthesize" / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (run / "synthesize" / "manifest.json").write_text("{}")
-    (run / "corpus").mkdir()
-    (run / "corpus" / "passages.jsonl").write_text(
-        "".join(json.dumps({"id": str(i), "text": t, "title": ""}) + "\n" for i, t in enumerate(corpus))
+    # the user's documents, read through the corpus section as in a run (whole: no passage is cut)
+    docs = run.parent / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"id": str(i), "text": t}) + "\n" for i, t in enumerate(corpus)))
+    corpus_cfg = [f"corpus.paths=[{docs}]", "corpus.chunk_tokens=100000", "corpus.min_tokens=1"]
+    cfg = load_config(
+        None, [f"run.dir={run}", "models.embedder.model=all-MiniLM-L6-v2", *corpus_cfg, *overrides]
     )
-    (run / "corpus" / "manifest.json").write_text("{}")
-    cfg = load_config(None, [f"run.dir={run}", "models.embedder.model=all-MiniLM-L6-v2", *overrides])
     out = run / ".work" / "labels"
     out.mkdir(parents=True)
     ctx = StageContext(
