@@ -848,7 +848,7 @@ class MiningConfig(Section):
     )
     source: Literal["auto", "corpus", "pool"] = Field(
         "auto",
-        description="Where negatives come from: corpus (the run's corpus/passages.jsonl), pool (every "
+        description="Where negatives come from: corpus (the passages of the corpus section), pool (every "
         "positive and negative of the run), auto: the corpus when the run has one.",
     )
     num_negatives: StrictInt = Field(1, gt=0, description="Mined negatives per example.")

@@ -16,8 +16,9 @@ paper had it:
    replacing (``mined``) or adding to (``both``) the LLM-written negative.
 
 Relabel runs before the round trip so that a swapped positive (the top passage) is not dropped for
-the rank of the passage it replaced. The pool is the run's corpus (``corpus/passages.jsonl``, when
-the run has a corpus stage) plus every positive and negative of the checked examples.
+the rank of the passage it replaced. The pool is the run's corpus (every passage of the ``corpus``
+section, prepared in ``RUN/corpus`` by :mod:`speed.corpus`) plus every positive and negative of the
+checked examples.
 
 Outputs: ``data/part-NNNNN.parquet`` (the training rows embed reads: ``id``, ``kind``,
 ``instruction``, ``query``, ``query_text``, ``positive``, ``negative``, ``negative_source``:
