@@ -331,6 +331,9 @@ class Ledger:
                 attempts = calls.attempts + excluded.attempts,
                 {", ".join(f"{c} = calls.{c} + excluded.{c}" for c in cols)},
                 error = excluded.error, updated_at = excluded.updated_at
+            -- the same answer stored again (a Ctrl-C between the commit and the caller's
+            -- bookkeeping makes the backend report it twice) is one call, not two
+            WHERE NOT (calls.error IS NULL AND calls.response IS excluded.response)
         """
         with self._transaction() as conn:
             for key, req, comp in items:

@@ -252,6 +252,7 @@ def test_ctrl_c_mid_batch_keeps_every_answer_received(server: FakeOpenAIServer, 
     answered_first = [f"q{i}" for i in range(k)]
     held = [f"wait:{i}" for i in range(concurrency)]
     interrupted = threading.Event()
+    signalled: list[float] = []
 
     def interrupt_when_all_held(prompt: str) -> None:
         # all workers on held requests: the K answers are in the client, maybe not yet stored.
@@ -262,14 +263,25 @@ def test_ctrl_c_mid_batch_keeps_every_answer_received(server: FakeOpenAIServer, 
             if not all_held or interrupted.is_set():
                 return
             interrupted.set()
-        os.kill(os.getpid(), signal.SIGINT)
+        # Ctrl-C delivered to a thread other than the main one (this server thread), as the kernel
+        # may do with a process-wide SIGINT: Python only sets a flag there, and the main thread,
+        # blocked waiting for answers, must still wake up and act on it
+        signalled.append(time.monotonic())
+        signal.pthread_kill(threading.get_ident(), signal.SIGINT)
 
     server.on_arrival = interrupt_when_all_held
     path = tmp_path / "ledger.sqlite"
     llm = _ledgered(server, Ledger(path), concurrency, flush_every=16)
-    with pytest.raises(KeyboardInterrupt):
-        llm.generate([Request.chat(p) for p in answered_first + held])
+    # Python's own Ctrl-C handler (KeyboardInterrupt), whatever an earlier test left installed
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            llm.generate([Request.chat(p) for p in answered_first + held])
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert interrupted.is_set()
+    # acted on at once, not when a held request times out (the client's timeout is 60 s)
+    assert time.monotonic() - signalled[0] < 30
     assert _check_complete(path) == set(answered_first)
     server.gate.set()
     llm.close()

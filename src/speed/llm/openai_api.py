@@ -58,6 +58,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+#: how often the dispatch loop wakes while it waits for answers (to act on a pending Ctrl-C)
+_WAKE_S = 0.5
+
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 
 SchemaMode = Literal["json_schema", "json_object", "none"]
@@ -292,7 +295,9 @@ class OpenAIBackend(Backend):
         failure: BaseException | None = None
         try:
             while pending:
-                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                # a bounded wait: a Ctrl-C that the kernel hands to a worker thread only sets a flag,
+                # which the main thread acts on when it next runs Python code
+                done, pending = wait(pending, timeout=_WAKE_S, return_when=FIRST_COMPLETED)
                 ready: list[tuple[int, Completion]] = []
                 for fut in done:
                     if fut.cancelled():
