@@ -33,7 +33,6 @@ import contextlib
 import hashlib
 import json
 import os
-import platform
 import random
 import re
 import signal
@@ -44,6 +43,8 @@ import time
 import uuid
 from pathlib import Path
 from typing import Any
+
+from speed.hardware import cpu_info
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = [
@@ -325,14 +326,7 @@ def main() -> int:
     args = p.parse_args()
     if args.until:
         del STAGES[STAGES.index(args.until) + 1 :]
-    cpu = next(
-        (
-            ln.split(":", 1)[1].strip()
-            for ln in Path("/proc/cpuinfo").read_text().splitlines()
-            if "model name" in ln
-        ),
-        platform.processor(),
-    )
+    cpu = cpu_info().label()
     print(
         f"conditions: {cpu}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}, {args.kills} kills, seed {args.seed}"
     )

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -39,6 +38,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from speed.hardware import cpu_info
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS: dict[str, list[str]] = {
@@ -106,18 +107,7 @@ def main() -> int:
         p.error(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
     work = Path(args.work or tempfile.mkdtemp(prefix="speed-bench-domain-"))
     work.mkdir(parents=True, exist_ok=True)
-    cpu = (
-        next(
-            (
-                line.split(":", 1)[1].strip()
-                for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")
-            ),
-            platform.processor(),
-        )
-        if Path("/proc/cpuinfo").exists()
-        else platform.processor()
-    )
+    cpu = cpu_info().label()
     print(
         f"conditions: {cpu}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}; work {work}", flush=True
     )

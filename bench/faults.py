@@ -31,12 +31,13 @@ import argparse
 import json
 import logging
 import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from speed.hardware import cpu_info
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -137,16 +138,6 @@ def client_spec(base_url: str) -> dict[str, Any]:
     }
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--requests", type=int, default=16, help="requests per row")
@@ -154,7 +145,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)  # retries log a warning each: the table says it all
 
-    print(f"CPU: {cpu_name()}; {os.cpu_count()} cores; load average before: {os.getloadavg()}")
+    print(f"CPU: {cpu_info().label()}; {os.cpu_count()} cores; load average before: {os.getloadavg()}")
     print(
         f"teacher: llama.cpp server (python engine, 1 thread) serving {MODEL}; client: concurrency 2, "
         "max_retries 4 (1 for 'hang always'), backoff 0.2 s doubling, capped at 2 s (Retry-After "

@@ -42,6 +42,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # process gets the same, so the comparison is fair
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from speed.hardware import cpu_info
 from speed.llm import Backend, Request, Sampling
 from speed.models import resolve_gguf, resolve_hf
 
@@ -56,17 +57,6 @@ PROMPTS = [
     "Write a detailed guide to choosing a first programming language.",
 ]
 SAMPLER = {"top_k": 0, "min_p": 0.0, "repeat_penalty": 1.0}
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _ver(pkg: str) -> str:
@@ -178,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     batches = [int(b) for b in args.batches.split(",")]
 
     print("# generation throughput (generated tokens/s, end to end, median)")
-    print(f"cpu: {_cpu_name()}, {os.cpu_count()} logical cores; python {platform.python_version()}")
+    print(f"cpu: {cpu_info().label()}, {os.cpu_count()} logical cores; python {platform.python_version()}")
     print(
         f"llama-cpp-python {_ver('llama-cpp-python')}, torch {_ver('torch')}, transformers {_ver('transformers')}"
     )

@@ -65,6 +65,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from speed.hardware import cpu_info
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 MODEL = "smollm2-135m-instruct"
@@ -114,16 +116,6 @@ def _ver(pkg: str) -> str:
         return version(pkg)
     except PackageNotFoundError:
         return "not installed"
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def prepare(root: Path) -> dict[str, str]:
@@ -474,7 +466,7 @@ def main() -> None:
 
     print(f"# synthesis throughput: {MODEL} (GGUF, llama.cpp) as senior and revisor")
     print(
-        f"# {_cpu()}, {os.cpu_count()} cores, python {platform.python_version()}, "
+        f"# {cpu_info().label()}, {os.cpu_count()} cores, python {platform.python_version()}, "
         f"llama-cpp-python {_ver('llama-cpp-python')}, ray {_ver('ray')}"
     )
     if set(modes) - {"engines"}:

@@ -112,6 +112,16 @@ class CpuInfo:
         names = X86_FEATURES if self.is_x86 else ARM_FEATURES if self.is_arm else ()
         return {name: name in self.flags for name in names}
 
+    def label(self) -> str:
+        """The model name with the vector units that decide speed, for benchmark figures:
+        ``AMD EPYC 9B14 (avx512, bf16, no amx)``."""
+        units = [self.level()]
+        if self.is_x86:
+            units.append("bf16" if "avx512_bf16" in self.flags else "no bf16")
+            if units[0] != "amx":
+                units.append("no amx")
+        return f"{self.model} ({', '.join(units)})"
+
     def level(self) -> str:
         """A short name of the widest vector unit: ``avx512``, ``avx2``, ``sve``, ``neon`` ..."""
         if self.is_x86:

@@ -213,3 +213,12 @@ def test_build_server_refuses_a_folder_without_llama_cpp_sources(
     monkeypatch.setenv("SPEED_WHEEL_CACHE", str(tmp_path / "cache"))
     with pytest.raises(SystemExit, match=r"holds no llama\.cpp sources"):
         hardware.build_llama_server([], source=tmp_path, cmake="false", log=lambda *_: None)
+
+
+def test_a_benchmark_label_says_which_vector_units_the_figures_ran_on():
+    epyc = hardware.CpuInfo("x86_64", "AMD EPYC", frozenset({"avx2", "avx512f", "avx512_bf16"}))
+    assert epyc.label() == "AMD EPYC (avx512, bf16, no amx)"
+    haswell = hardware.CpuInfo("x86_64", "Xeon E5", frozenset({"avx2"}))
+    assert haswell.label() == "Xeon E5 (avx2, no bf16, no amx)"
+    sapphire = hardware.CpuInfo("x86_64", "Xeon 8480", frozenset({"avx512f", "amx_tile", "amx_int8"}))
+    assert sapphire.label() == "Xeon 8480 (amx, no bf16)"
