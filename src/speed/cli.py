@@ -11,6 +11,7 @@ import argparse
 import errno
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -621,5 +622,25 @@ def _fail(message: str, verbose: bool) -> int:
     return 2
 
 
+def entry() -> None:
+    """The ``speed`` command: :func:`main`, then exit with its code.
+
+    After an interrupt (130, 143) the answers received are in the ledger, servers are stopped and the
+    run lock is free; a request still waiting on a server that does not answer (an API's timeout is
+    minutes) holds a worker thread that the interpreter would join before exiting, so the process
+    leaves without waiting for it.
+    """
+    code = main()
+    stuck = [
+        t for t in threading.enumerate() if t.is_alive() and not t.daemon and t is not threading.main_thread()
+    ]
+    if code in (130, 143) and stuck:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -334,3 +334,48 @@ def test_sigterm_stops_cleanly_keeps_the_answers_and_the_rerun_resumes(tmp_path)
     stats = json.loads((run / "numbers" / "manifest.json").read_text())["stats"]
     assert stats["resumed_rows"] >= 5 and stats["resumed_rows"] + stats["sent"] + stats["replayed"] == 30
     assert stats["replayed"] <= 1
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_stop_does_not_wait_for_a_teacher_that_never_answers(tmp_path, sig, code):
+    """Stopped while every request waits on the teacher (here for 10 minutes; an API's timeout is
+    5), `speed run` ends in seconds: it neither joins the requests in flight nor waits at exit for
+    their worker threads. (Before: the backend's close joined them, the run hung until the timeout.)"""
+    from fake_openai import FakeOpenAIServer
+
+    server = FakeOpenAIServer(latency_s=600)
+    cfg = tmp_path / "hang.yaml"
+    cfg.write_text(
+        f"""
+run: {{dir: {tmp_path / "hang"}, seed: 0}}
+pipeline: {{stages: [brainstorm]}}
+models:
+  teacher: {{backend: openai, model: fake, base_url: "{server.base_url}", concurrency: 4,
+             timeout_s: 600, max_retries: 0}}
+brainstorm: {{kinds: [retrieval, sts], calls_per_kind: 2}}
+"""
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "speed.cli", "run", str(cfg)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and server.in_flight < 2:
+            time.sleep(0.05)
+        assert server.in_flight >= 2, "the run never had its requests in flight"
+        proc.send_signal(sig)
+        try:
+            _, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            pytest.fail(f"signal {sig!r} did not stop a run waiting on its teacher within 30 s")
+        assert proc.returncode == code, err
+        assert "Traceback" not in err, err
+        assert not (tmp_path / "hang" / "brainstorm" / "manifest.json").exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        server.close()

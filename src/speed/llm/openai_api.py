@@ -355,12 +355,17 @@ class OpenAIBackend(Backend):
             logger.exception("%s: %d answer(s) received could not be reported", self.endpoint, len(late))
 
     def close(self) -> None:
-        """Close connections and worker threads. Safe to call twice."""
+        """Close connections and worker threads. Safe to call twice.
+
+        Requests still in flight (after an interrupt) are not waited for: queued ones are cancelled,
+        and a worker blocked on a server that does not answer ends with that request (its timeout, or
+        the server's end); the CLI's entry point does not wait for it either (:func:`speed.cli.entry`).
+        """
         if self._closed:
             return
         self._closed = True
         if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool.shutdown(wait=False, cancel_futures=True)
         self._client.close()
 
     # -- one request -------------------------------------------------------------------------

@@ -544,9 +544,10 @@ class LlamaCppServerBackend(Backend):
             raise
 
     def close(self) -> None:
-        """Stop the client and the server. Safe to call twice."""
-        self.client.close()
+        """Stop the server, then the client (a request in flight then ends at once, with its
+        connection). Safe to call twice."""
         self.server.stop()
+        self.client.close()
 
 
 def choose_engine(engine: str, binary: str | None = None) -> str:
