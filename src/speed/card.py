@@ -185,6 +185,9 @@ def card_facts(
             "ngram": synth_cfg.get("decontam_ngram"),
             "targets": list(evaluate.get("tasks") or []),
         },
+        "negative_removed": dict(
+            (_manifest(run, "synthesize").get("stats") or {}).get("negative_removed") or {}
+        ),
         "too_easy": overlap_by_kind(rows),
         "run": str(run),
         "seed": _section(config, "run").get("seed"),
@@ -263,6 +266,17 @@ def render_card(facts: Mapping[str, Any]) -> str:
                 lines.append(f"| {stage} | {reason} | {n} |")
     else:
         lines.append("No drops recorded.")
+    removed = facts.get("negative_removed") or {}
+    if removed:
+        why = ", ".join(
+            f"{reason} {n}" for reason, n in sorted(removed.items(), key=lambda kv: (-kv[1], kv[0]))
+        )
+        lines += [
+            "",
+            f"Kept without their hard negative, which alone failed a filter: {sum(removed.values())} "
+            f"examples ({why}); they train as (query, positive) pairs, with in-batch and any mined "
+            "negatives (`synthesize.keep_without_negative`).",
+        ]
     decon = facts["decontamination"]
     lines += ["", "## Decontamination", ""]
     if decon["enabled"] and decon["targets"]:

@@ -811,6 +811,12 @@ class SynthesizeConfig(Section):
     decontam_ngram: StrictInt = Field(13, gt=0, description="n of the word n-grams shared with eval text.")
     language: str = Field("English")
     check_language: bool = Field(True, description="Drop examples in another language than asked.")
+    keep_without_negative: bool = Field(
+        True,
+        description="An example whose only fault is its hard negative (too short, a placeholder, equal "
+        "to the positive, ...) is kept without it, as a (query, positive) pair whose negatives are "
+        "in-batch or mined by the labels stage; counted in stats.negative_removed. false: dropped.",
+    )
     json_schema: bool = Field(
         True,
         description="Ask the senior and revisor for the kind's JSON schema: constrained decoding where "

@@ -14,8 +14,10 @@ from speed.data.filters import (
     QueryInDocument,
     Repetitive,
     TooShort,
+    WithoutNegative,
     WrongLanguage,
     default_filters,
+    failing_filter,
     first_failure,
     language_code,
     placeholder_in,
@@ -234,3 +236,32 @@ def test_placeholder_text_keeps_brackets_that_are_content():
 def test_brainstorm_drops_tasks_with_unfilled_slots():
     assert placeholder_in("Find the region the city of [topic], from [topic].") == "[topic]"
     assert placeholder_in("Retrieve recipes that fit a given diet.") is None
+
+
+@pytest.mark.parametrize(
+    "negative,reason",
+    [
+        ("Cheerimentally, such as negative DNA disruption.", "too_short"),  # a senior's, verbatim
+        ("2022-02-07 22:54:17.543.11-38-4-668", "too_short"),
+        (DOC, "positive_equals_negative"),
+        ("[insert a related but wrong document here]", "placeholder_text"),
+    ],
+)
+def test_a_botched_negative_alone_is_what_without_negative_forgives(negative, reason):
+    filters = default_filters(check_language=False)
+    bad = GOOD | {"hard_negative_document": negative}
+    assert failing_filter(bad, RETRIEVAL, ATTRS, filters)[0] == reason
+    shape = WithoutNegative(RETRIEVAL)
+    assert shape.negative_field is None and "hard_negative_document" not in shape.fields()
+    assert "hard_negative_document" not in shape.requested_words(ATTRS)
+    assert failing_filter(bad, shape, ATTRS, filters) is None
+    # a fault of the query or the positive is not forgiven
+    for field, text in (("user_query", "[query]"), ("positive_document", "Too short.")):
+        assert failing_filter(bad | {field: text}, shape, ATTRS, filters) is not None
+    assert failing_filter(GOOD | {"positive_document": "Too short."}, shape, ATTRS, filters)[0] == "too_short"
+
+
+def test_an_example_kept_without_its_negative_trains_as_a_pair():
+    rows = RETRIEVAL.to_rows("Find documents.", GOOD | {"hard_negative_document": ""})
+    assert rows[0]["negative"] is None and rows[0]["positive"] == DOC
+    assert RETRIEVAL.to_rows("Find documents.", GOOD)[0]["negative"] == NEG

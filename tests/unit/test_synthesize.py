@@ -98,7 +98,12 @@ def test_synthesize_writes_rows_with_provenance_and_counts_every_drop(tmp_path, 
     assert row["query"].startswith("Instruct: ") and row["query"].endswith(row["query_text"])
     assert sum(r["revised"] for r in rows) == stats["revisions"]["used"]
     sts = [r for r in rows if r["kind"] == "sts"]
-    assert all(r["negative"] for r in sts)
+    # an STS example whose S3 alone failed a filter is kept as a pair (keep_without_negative)
+    pairs = [r for r in sts if not json.loads(r["example"])["S3"]]
+    assert all(r["negative"] for r in sts if r not in pairs)
+    assert all(r["negative"] is None for r in pairs)
+    assert pairs and sum(stats["negative_removed"].values()) == len(pairs)
+    assert set(stats["negative_removed"]) <= {"placeholder_text", "too_short", "positive_equals_negative"}
     assert all(r["negative"] is None for r in rows if r["kind"] == "matching_short")
 
     # nothing kept repeats an evaluation sentence; what the writer reproduced was dropped

@@ -511,11 +511,53 @@ def first_failure(
     The drop, if any, is counted in ``counter``; keeping is left to the caller (later steps such as
     dedup may still drop the example).
     """
+    failure = failing_filter(example, kind, attributes, filters)
+    if failure is None:
+        return None
+    if counter is not None:
+        counter.drop(*failure)
+    return failure[0]
+
+
+def failing_filter(
+    example: BaseModel | Fields, kind: KindShape, attributes: Mapping[str, Any], filters: Iterable[Filter]
+) -> tuple[str, str] | None:
+    """The first of ``filters`` that drops the example, as (its name, why), or None."""
     fields = example.model_dump() if isinstance(example, BaseModel) else example
     for flt in filters:
         detail = flt.check(fields, kind, attributes)
         if detail is not None:
-            if counter is not None:
-                counter.drop(flt.name, detail)
-            return flt.name
+            return flt.name, detail
     return None
+
+
+class WithoutNegative:
+    """A kind's shape with its hard negative left out, for the filters: an example whose only fault
+    is the negative its writer botched (a two-word "document", a copy of the positive) passes them
+    and can be kept as a pair, its negatives then in-batch or mined (``synthesize.keep_without_negative``).
+    """
+
+    def __init__(self, kind: KindShape) -> None:
+        self.kind = kind
+        self.dropped = kind.negative_field
+
+    @property
+    def query_field(self) -> str:
+        return self.kind.query_field
+
+    @property
+    def positive_field(self) -> str:
+        return self.kind.positive_field
+
+    @property
+    def negative_field(self) -> str | None:
+        return None
+
+    def fields(self) -> tuple[str, ...]:
+        return tuple(f for f in self.kind.fields() if f != self.dropped)
+
+    def requested_words(self, attributes: Mapping[str, Any]) -> dict[str, int]:
+        return {f: n for f, n in self.kind.requested_words(attributes).items() if f != self.dropped}
+
+    def field_languages(self, attributes: Mapping[str, Any]) -> dict[str, str]:
+        return {f: lang for f, lang in self.kind.field_languages(attributes).items() if f != self.dropped}

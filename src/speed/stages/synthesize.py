@@ -20,7 +20,9 @@ Outputs (in the stage folder):
   (kept for inspection and resume); ``shards/NNNNN.done``: the shard's completion marker, written
   after its records; ``shards/processed.log``: one line per shard processed, in every invocation.
 - ``stats["drops"]``: drops by reason over all steps (generation errors, parse reasons, filters,
-  ``contaminated``, ``exact_duplicate``, ``near_duplicate``).
+  ``contaminated``, ``exact_duplicate``, ``near_duplicate``); ``stats["negative_removed"]``: kept
+  examples whose hard negative alone failed a filter, by that filter, kept as (query, positive)
+  pairs (``synthesize.keep_without_negative``; their shard records carry ``negative_removed``).
 
 Design choices:
 - Resume is by shard: a shard whose marker exists is not sent again; a shard killed halfway is
@@ -394,7 +396,7 @@ class Synthesize(GenerationStage):
 
     def process(self, job: Job, payload: dict[str, Any]) -> dict[str, Any]:
         """The writer (senior) writes each prompt of the shard, the revisor revises, then parse and filter."""
-        from speed.data.filters import DropCounter, first_failure
+        from speed.data.filters import DropCounter, WithoutNegative, failing_filter
         from speed.stages.alignment import build_filters
         from speed.tasks import get_kind
 
@@ -461,9 +463,20 @@ class Synthesize(GenerationStage):
             else:
                 record["example"] = example.model_dump()
                 whole = kind.complete(example, p["attributes"])  # a grounded one's positive: its passage
-                failed = first_failure(whole, kind, p["attributes"], filters, counter)
+                failed = failing_filter(whole, kind, p["attributes"], filters)
+                if (
+                    failed is not None
+                    and scfg.keep_without_negative
+                    and kind.negative_field
+                    and failing_filter(whole, WithoutNegative(kind), p["attributes"], filters) is None
+                ):
+                    # the query and positive pass: keep the pair, not the botched negative
+                    record["example"][kind.negative_field] = ""
+                    record["negative_removed"], record["detail"] = failed
+                    failed = None
                 if failed is not None:
-                    record["drop"] = failed
+                    record["drop"], record["detail"] = failed
+                    counter.drop(*failed)
                 else:
                     counter.keep()
             records.append(record)
@@ -496,6 +509,7 @@ class Synthesize(GenerationStage):
         per_kind: Counter[str] = Counter()
         revised = unparsed = tokens = rows_total = 0
         contaminated: Counter[str] = Counter()
+        negative_removed: Counter[str] = Counter()
         for sid in ids:
             summary = json.loads((folder / f"{sid}.done").read_text(encoding="utf-8"))
             unparsed += summary.get("unparsed_revisions", 0)
@@ -518,6 +532,8 @@ class Synthesize(GenerationStage):
                     continue
                 counter.keep()
                 per_kind[rec["kind"]] += 1
+                if rec.get("negative_removed"):
+                    negative_removed[rec["negative_removed"]] += 1
                 revised += bool(rec["revised"])
                 rows += training_rows(sid, rec, example)
             if rows:
@@ -536,6 +552,7 @@ class Synthesize(GenerationStage):
             "per_kind": dict(per_kind),
             "revisions": {"used": revised, "unparsed": unparsed},
             "contaminated": dict(contaminated),
+            "negative_removed": dict(negative_removed),
             "tokens_out_senior": tokens,
             "drops": dict(counter.reasons),
         }

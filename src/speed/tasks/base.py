@@ -448,9 +448,12 @@ class TaskKind(ABC):
 
     def to_rows(self, task: str, example: Example | Mapping[str, Any]) -> list[Row]:
         """Training rows of one example: ``instruction``, ``query`` (with the instruction),
-        ``positive`` and ``negative`` (None when the kind has no negative)."""
+        ``positive`` and ``negative`` (None when the kind has no negative, or the example was kept
+        without it: ``synthesize.keep_without_negative``)."""
         data = example.model_dump() if isinstance(example, BaseModel) else dict(example)
         negative = data.get(self.negative_field) if self.negative_field else None
+        if negative is not None and not str(negative).strip():
+            negative = None
         return [
             {
                 "instruction": task,
