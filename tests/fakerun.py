@@ -239,7 +239,12 @@ def make_fake_run(run: Path, stages: tuple[str, ...] | None = None) -> Path:
             stats: dict[str, Any] = {"count": 3}
             if name == "synthesize":
                 count = write_synthesize(run / name)
-                stats = {"count": count, "drops": dict(DROPS), "shards": 1}
+                stats = {
+                    "count": count,
+                    "drops": dict(DROPS),
+                    "shards": 1,
+                    "negative_removed": {"too_short": 2},
+                }
             elif name == "labels":
                 stats = dict(LABELS_STATS)
             elif name == "judge":

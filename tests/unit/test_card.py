@@ -68,6 +68,7 @@ def test_the_card_header_parses_and_its_figures_match_the_run(tmp_path: Path) ->
     for reason, n in DROPS.items():
         assert re.search(rf"^\| synthesize \| {reason} \| {n} \|$", body, re.MULTILINE), reason
     assert "| judge | judge_unparsable | 1 |" in body
+    assert "Kept without their hard negative, which alone failed a filter: 2 examples (too_short 2)" in body
     # generators with the keys of the stages that trained them
     senior = table_row(body, "senior")
     assert senior[1] == "(trained in the run)" and "`key-senior`" in senior[3]

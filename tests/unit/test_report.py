@@ -57,7 +57,7 @@ def test_stage_figures(full_run: Path) -> None:
     assert stages["synthesize"]["count"] == FINAL
     assert stages["synthesize"]["drops"] == DROPS
     assert stages["synthesize"]["drops_total"] == sum(DROPS.values())
-    assert stages["synthesize"]["stats"] == {"shards": 1}
+    assert stages["synthesize"]["stats"] == {"shards": 1, "negative_removed": {"too_short": 2}}
     assert stages["seed"]["calls"]["teacher"]["calls"] == 10
     assert stages["seed"]["calls"]["teacher"]["errors"] == 1
     assert stages["synthesize"]["calls"]["revisor"]["calls"] == 15
@@ -99,6 +99,9 @@ def test_examples_and_drops(full_run: Path) -> None:
     assert ex["drops"] == DROPS
     assert ex["kept_fraction"] == pytest.approx(FINAL / (FINAL + sum(DROPS.values())))
     assert ex["revised"] == CHANGED
+    assert ex["negative_removed"] == {"too_short": 2}
+    page = (full_run / "report.html").read_text(encoding="utf-8")
+    assert re.search(r'id="negative-removed">Kept without their hard negative[^<]*: 2 \(too_short 2\)', page)
     assert _summary(full_run)["judge"]["verdicts"] == 7
 
 

@@ -335,6 +335,8 @@ def collect_examples(
         "drops_total": dropped,
         "kept_fraction": total / (total + dropped) if total + dropped else None,
         "revised": revised,
+        # kept as (query, positive) pairs: their negative alone failed a filter
+        "negative_removed": dict((stage or {}).get("stats", {}).get("negative_removed") or {}),
         "sample_per_kind": sample_per_kind,
         # "too easy": queries that repeat their positive's words (speed.card)
         "too_easy": {
