@@ -460,7 +460,14 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=24, help="senior prompts per engine run")
     parser.add_argument("--threads", type=int, default=2, help="threads of each engine (--modes engines)")
     parser.add_argument("--n-ctx", type=int, default=2048, help="context per request (--modes engines)")
+    parser.add_argument(
+        "--top-k", type=int, default=0, help="top-k cut of every llama.cpp sampler (0: off, SPEED's)"
+    )
+    parser.add_argument(
+        "--min-p", type=float, default=0.0, help="min-p cut of every llama.cpp sampler (0: off, SPEED's)"
+    )
     args = parser.parse_args()
+    SAMPLER.update(top_k=args.top_k, min_p=args.min_p)
     logging.basicConfig(level=logging.WARNING)
     modes = args.modes.split(",")
 
@@ -474,6 +481,7 @@ def main() -> None:
             f"# stage modes: {args.examples} examples (senior + revisor call each), shards of "
             f"{args.shard_size}, max_tokens {args.max_tokens}, 1 thread per model, {args.repeats} repeats"
         )
+    print(f"# llama.cpp sampler extras: {SAMPLER}")
     print(f"# load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
     root = Path(tempfile.mkdtemp(prefix="speed-bench-synth-"))
