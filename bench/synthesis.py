@@ -46,8 +46,8 @@ each repeat so that noise from other processes spreads over all of them:
   (``optimum-cli export openvino --weight-format int8|fp16``; ``openvino`` is int8) into
   ``$SPEED_CACHE/openvino/``, the kind's JSON schema as structured output. OpenVINO is not a speed
   dependency: ``bench/_openvino_engine.py`` runs in its own venv, the interpreter
-  ``$SPEED_OPENVINO_PYTHON`` (default ``/work/ovvenv/bin/python``; ``pip install openvino-genai
-  optimum-intel[openvino]`` there), and the engine is skipped when that is missing.
+  ``$SPEED_OPENVINO_PYTHON`` (default ``.venv-openvino/bin/python`` in the repository, which
+  ``make openvino-venv`` makes), and the engine is skipped when that is missing.
 
 The packaged GGUF is Q4_1; the safetensors folder is that GGUF dequantized, so all engines run the
 same weights up to the storage type.
@@ -77,6 +77,7 @@ from speed.hardware import cpu_info
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+ROOT = Path(__file__).resolve().parents[1]
 MODEL = "smollm2-135m-instruct"
 SAMPLER = {"top_k": 0, "min_p": 0.0, "repeat_penalty": 1.0}
 
@@ -423,8 +424,8 @@ def run_raw_server(
 
 
 def _openvino_python() -> Path | None:
-    """OpenVINO GenAI's interpreter (``$SPEED_OPENVINO_PYTHON``, else /work/ovvenv), None if missing."""
-    path = Path(os.environ.get("SPEED_OPENVINO_PYTHON") or "/work/ovvenv/bin/python")
+    """OpenVINO GenAI's interpreter (``$SPEED_OPENVINO_PYTHON``, else .venv-openvino), None if missing."""
+    path = Path(os.environ.get("SPEED_OPENVINO_PYTHON") or ROOT / ".venv-openvino" / "bin" / "python")
     return path if path.is_file() else None
 
 
@@ -462,7 +463,7 @@ def run_openvino(
     if python is None:
         print(
             "  openvino: skipped, no OpenVINO GenAI interpreter (set SPEED_OPENVINO_PYTHON to a "
-            "python with openvino-genai and optimum-intel[openvino], or create /work/ovvenv)",
+            "python with openvino-genai and optimum-intel[openvino], or run make openvino-venv)",
             flush=True,
         )
         return None
