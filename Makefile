@@ -20,7 +20,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test test-fast lint bench clean doctor llama-rebuild gpu-check
+.PHONY: setup demo test test-fast lint bench clean doctor llama-rebuild gpu-check openvino-venv
 
 $(VENV)/.setup-done: pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -61,6 +61,12 @@ lint: setup
 
 gpu-check:  ## on a GPU machine: CUDA training steps, vLLM with LoRA and structured output (bench/gpu_check.sh)
 	bash bench/gpu_check.sh
+
+openvino-venv:  ## OpenVINO GenAI in its own venv, for bench/synthesis.py's openvino engine (not a speed dependency)
+	test -x .venv-openvino/bin/python || python3 -m venv .venv-openvino
+	.venv-openvino/bin/pip install -q openvino-genai "optimum-intel[openvino]" transformers "$(TORCH_SPEC)"
+	# optimum-intel pulls a torchvision built for another torch, which breaks importing transformers
+	.venv-openvino/bin/pip uninstall -q -y torchvision
 
 bench: setup  ## benchmarks print figures; they never assert on time
 	for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

@@ -15,8 +15,8 @@ checks of the labels and embed stages off one at a time:
 
 Generation (brainstorm to synthesize) runs once in ``WORK/gen``; each variant and seed is a copy of
 that run (stage folders hard-linked, the ledger copied) resumed with its overrides and
-``embed.seed``, so only labels, embed and evaluate run again; the baseline's scores are cached per
-machine. Decontamination stays on against the evaluation queries and documents.
+``embed.seed``, so only labels, embed and evaluate run again (seeds after the first start from the
+variant's first seed, labels done); the baseline's scores are cached per machine. Decontamination stays on against the evaluation queries and documents.
 
 Prints per variant: mean and standard deviation over seeds of each task's nDCG@10 and its
 difference to the base model, and the labels stage's counts (round-trip drops, relabel swaps and
@@ -126,7 +126,9 @@ def main() -> int:
         runs = []
         for seed in range(args.seeds):
             run_dir = work / f"{variant}-s{seed}"
-            clone_run(gen, run_dir)
+            # seed 0 runs the variant's labels stage; later seeds start from it (the labels stage's
+            # key holds no embed setting), so only embed and evaluate run again
+            clone_run(gen if seed == 0 else work / f"{variant}-s0", run_dir)
             overrides = [*args.override, *VARIANTS[variant], f"embed.seed={seed}"]
             wall = speed(args.config, run_dir, overrides, work / f"{variant}-s{seed}.log")
             ev = manifest_stats(run_dir, "evaluate")

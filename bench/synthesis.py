@@ -39,7 +39,15 @@ each repeat so that noise from other processes spreads over all of them:
   plain HTTP (httpx, ``P`` threads, hand-written request bodies): no speed code; ``nativeP / rawP``
   is the overhead of speed's backend,
 - ``nativeP-q8_0``, ``nativeP-f16``: the safetensors folder converted back to GGUF by
-  :func:`speed.llm.gguf.gguf_for` (the trained generators' path) in that type.
+  :func:`speed.llm.gguf.gguf_for` (the trained generators' path) in that type,
+- ``openvino``, ``openvino-int8``, ``openvino-fp16`` (``openvinoP-...``: at most ``P`` sequences
+  scheduled; default all prompts): OpenVINO GenAI's ``ContinuousBatchingPipeline`` on the CPU plugin
+  (``INFERENCE_NUM_THREADS``), the safetensors folder exported once to OpenVINO IR by optimum-intel
+  (``optimum-cli export openvino --weight-format int8|fp16``; ``openvino`` is int8) into
+  ``$SPEED_CACHE/openvino/``, the kind's JSON schema as structured output. OpenVINO is not a speed
+  dependency: ``bench/_openvino_engine.py`` runs in its own venv, the interpreter
+  ``$SPEED_OPENVINO_PYTHON`` (default ``.venv-openvino/bin/python`` in the repository, which
+  ``make openvino-venv`` makes), and the engine is skipped when that is missing.
 
 The packaged GGUF is Q4_1; the safetensors folder is that GGUF dequantized, so all engines run the
 same weights up to the storage type.
@@ -69,6 +77,7 @@ from speed.hardware import cpu_info
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+ROOT = Path(__file__).resolve().parents[1]
 MODEL = "smollm2-135m-instruct"
 SAMPLER = {"top_k": 0, "min_p": 0.0, "repeat_penalty": 1.0}
 
@@ -266,15 +275,16 @@ def _parse_rate(prompts: list[dict[str, Any]], texts: list[str]) -> float:
 
 
 def _engine_mode(mode: str) -> tuple[str, int, str | None]:
-    """``native4-q8_0`` -> ("native", 4, "q8_0"); ``hf`` -> ("hf", 8, None)."""
+    """``native4-q8_0`` -> ("native", 4, "q8_0"); ``hf`` -> ("hf", 8, None); ``openvino`` -> 0 (all)."""
     name, _, outtype = mode.partition("-")
     engine = name.rstrip("0123456789")
     digits = name[len(engine) :]
-    return engine, int(digits) if digits else (8 if engine == "hf" else 1), outtype or None
+    default = {"hf": 8, "openvino": 0}.get(engine, 1)
+    return engine, int(digits) if digits else default, outtype or None
 
 
-def run_engine(mode: str, prompts: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, float]:
-    """The senior prompts through one engine, all at once; tokens, seconds, parse rate."""
+def run_engine(mode: str, prompts: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, float] | None:
+    """The senior prompts through one engine, all at once; tokens, seconds, parse rate (None: skipped)."""
     from speed.config import HFSpec, LlamaCppServerSpec, ModelSpec
     from speed.llm import Request, Sampling, load_backend
     from speed.models import resolve_gguf, resolve_hf
@@ -283,6 +293,8 @@ def run_engine(mode: str, prompts: list[dict[str, Any]], args: argparse.Namespac
     engine, parallel, outtype = _engine_mode(mode)
     if engine == "raw":
         return run_raw_server(parallel, prompts, args)
+    if engine == "openvino":
+        return run_openvino(parallel, outtype or "int8", prompts, args)
     t0 = time.perf_counter()
     if engine == "hf":
         spec: ModelSpec = HFSpec(
@@ -411,6 +423,82 @@ def run_raw_server(
     }
 
 
+def _openvino_python() -> Path | None:
+    """OpenVINO GenAI's interpreter (``$SPEED_OPENVINO_PYTHON``, else .venv-openvino), None if missing."""
+    path = Path(os.environ.get("SPEED_OPENVINO_PYTHON") or ROOT / ".venv-openvino" / "bin" / "python")
+    return path if path.is_file() else None
+
+
+def openvino_ir(python: Path, weights: str) -> Path:
+    """The safetensors folder as OpenVINO IR with ``weights`` (int8, fp16, ...), exported once."""
+    import subprocess
+
+    from speed.models import cache_dir, resolve_hf
+
+    hf = Path(resolve_hf(MODEL))
+    out = cache_dir() / "openvino" / f"{hf.parent.name}-{weights}"  # smollm2-135m-instruct-0.1.2-int8
+    if (out / "openvino_model.xml").exists():
+        return out
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    cmd = [
+        str(python.parent / "optimum-cli"), "export", "openvino", "--model", str(hf),
+        "--task", "text-generation-with-past", "--weight-format", weights, str(tmp),
+    ]  # fmt: skip
+    print(f"  exporting {hf} to OpenVINO IR ({weights}): {out}", flush=True)
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    tmp.rename(out)
+    return out
+
+
+def run_openvino(
+    parallel: int, weights: str, prompts: list[dict[str, Any]], args: argparse.Namespace
+) -> dict[str, float] | None:
+    """OpenVINO GenAI in its own venv (``bench/_openvino_engine.py``): prompts in, texts and counts out."""
+    import subprocess
+
+    from speed.tasks import get_kind
+
+    python = _openvino_python()
+    if python is None:
+        print(
+            "  openvino: skipped, no OpenVINO GenAI interpreter (set SPEED_OPENVINO_PYTHON to a "
+            "python with openvino-genai and optimum-intel[openvino], or run make openvino-venv)",
+            flush=True,
+        )
+        return None
+    model = openvino_ir(python, weights)
+    t0 = time.perf_counter()
+    job = {
+        "model": str(model),
+        "threads": args.threads,
+        "max_tokens": args.max_tokens,
+        "max_num_seqs": parallel,
+        "top_k": SAMPLER["top_k"],
+        "min_p": SAMPLER["min_p"],
+        "prompts": [
+            {"prompt": p["prompt"], "seed": p["seed"], "schema": get_kind(p["kind"]).json_schema()}
+            for p in prompts
+        ],
+    }
+    script = Path(__file__).with_name("_openvino_engine.py")
+    proc = subprocess.run(
+        [str(python), str(script)], input=json.dumps(job), capture_output=True, text=True, check=False
+    )
+    if proc.returncode != 0:
+        raise SystemExit(f"{script.name} exited with {proc.returncode}:\n{proc.stderr[-4000:]}")
+    out = json.loads(proc.stdout)
+    return {
+        "seconds": out["seconds"],
+        # the interpreter's start, the model load and the answers' way back; the export apart
+        "load": time.perf_counter() - t0 - out["seconds"],
+        "tokens": sum(out["tokens"]),
+        "parse": _parse_rate(prompts, out["texts"]),
+        "cut": out["cut"],
+        "errors": 0,
+    }
+
+
 def bench_engines(root: Path, up: dict[str, str], args: argparse.Namespace) -> None:
     """Time each engine of ``--engines`` on the same senior prompts; print medians and ratios."""
     cfg = config(root, "engines-plan", up, args, "local")
@@ -424,6 +512,8 @@ def bench_engines(root: Path, up: dict[str, str], args: argparse.Namespace) -> N
     for rep in range(args.repeats):
         for mode in engines:
             res = run_engine(mode, prompts, args)
+            if res is None:
+                continue
             results[mode].append(res)
             print(
                 f"  {mode:13s} run {rep}: {res['tokens'] / res['seconds']:7.1f} tokens/s, "
@@ -432,6 +522,7 @@ def bench_engines(root: Path, up: dict[str, str], args: argparse.Namespace) -> N
                 flush=True,
             )
     print(f"# load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    results = {m: runs for m, runs in results.items() if runs}  # skipped engines
     med = {m: statistics.median(r["tokens"] / r["seconds"] for r in runs) for m, runs in results.items()}
     print(f"{'engine':13s} {'tokens/s':>9s} {'parse':>6s} {'vs raw':>7s}  (medians)")
     for mode, runs in results.items():
@@ -460,7 +551,14 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=24, help="senior prompts per engine run")
     parser.add_argument("--threads", type=int, default=2, help="threads of each engine (--modes engines)")
     parser.add_argument("--n-ctx", type=int, default=2048, help="context per request (--modes engines)")
+    parser.add_argument(
+        "--top-k", type=int, default=0, help="top-k cut of every llama.cpp sampler (0: off, SPEED's)"
+    )
+    parser.add_argument(
+        "--min-p", type=float, default=0.0, help="min-p cut of every llama.cpp sampler (0: off, SPEED's)"
+    )
     args = parser.parse_args()
+    SAMPLER.update(top_k=args.top_k, min_p=args.min_p)
     logging.basicConfig(level=logging.WARNING)
     modes = args.modes.split(",")
 
@@ -474,6 +572,7 @@ def main() -> None:
             f"# stage modes: {args.examples} examples (senior + revisor call each), shards of "
             f"{args.shard_size}, max_tokens {args.max_tokens}, 1 thread per model, {args.repeats} repeats"
         )
+    print(f"# llama.cpp sampler extras: {SAMPLER}")
     print(f"# load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
     root = Path(tempfile.mkdtemp(prefix="speed-bench-synth-"))
