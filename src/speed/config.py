@@ -908,8 +908,8 @@ class LabelsConfig(Section):
 
     kinds: list[KindName] = Field(
         default_factory=lambda: list(LABELED_KINDS),
-        description="Kinds whose examples are checked (their positive is a passage); others pass "
-        "through unchanged.",
+        description="Kinds whose examples are checked (their positive is a passage); a grounded "
+        "variant counts as its kind (retrieval_grounded as retrieval); others pass through unchanged.",
     )
     model: str | None = Field(
         None, description="The embedder that scores and mines; None: models.embedder.model (untrained)."

@@ -98,7 +98,8 @@ def run_labels(
     rows = [
         {
             "id": f"00000-{i}",
-            "kind": "retrieval",
+            # a grounded variant is checked as its kind: 1 and 3 must be dropped whatever the name
+            "kind": {1: "matching_short_grounded", 3: "retrieval_grounded"}.get(i, "retrieval"),
             "instruction": "Find the passage.",
             "query": f"Instruct: x\nQuery: {q}",
             "query_text": q,

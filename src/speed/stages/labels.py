@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from speed.io import atomic_write, read_rows, write_jsonl
 from speed.stage import Stage, StageContext, StageError, register
+from speed.tasks import get_kind
 
 if TYPE_CHECKING:
     from speed.data.labels import Side
@@ -165,7 +166,9 @@ class Labels(Stage):
 
         from speed.data.labels import Pool
 
-        checked = [i for i, r in enumerate(rows) if r["kind"] in cfg.kinds and r["positive"]]
+        # a grounded variant (retrieval_grounded) is checked as its kind (retrieval)
+        families = {k: get_kind(k).family for k in {r["kind"] for r in rows}}
+        checked = [i for i, r in enumerate(rows) if families[r["kind"]] in cfg.kinds and r["positive"]]
         corpus = corpus_texts(ctx)
         pool = Pool(corpus or [])
         pool.add(rows[i]["positive"] for i in checked)

@@ -326,6 +326,13 @@ class TaskKind(ABC):
             JSON-serializable values; ``None`` marks an optional attribute left out this time.
         """
 
+    @property
+    def family(self) -> str:
+        """The registered kind whose field roles and settings this one shares: its own name, or for
+        a variant (``retrieval_grounded``) the kind it varies (``retrieval``). Settings that list
+        kinds (``labels.kinds``) match on it."""
+        return self.name
+
     # -- templates ---------------------------------------------------------------------------
 
     @property

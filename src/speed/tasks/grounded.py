@@ -91,6 +91,10 @@ class GroundedKind(TaskKind):
         return get_kind(self.base_name)
 
     @property
+    def family(self) -> str:
+        return self.base_name
+
+    @property
     def generate_template(self) -> str:
         return f"{self.base_name}{SUFFIX}_generate"
 
