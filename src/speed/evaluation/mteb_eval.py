@@ -43,7 +43,8 @@ def _import_mteb() -> Any:
 
 
 def load_embedder(model: str | os.PathLike[str], device: str | None = None, precision: str = "fp32") -> Any:
-    """Load a SentenceTransformer from a folder, a packaged model name or a hub name.
+    """Load a SentenceTransformer from a sentence-transformers or transformers folder, a packaged
+    model name or a hub name.
 
     ``precision`` is ``fp32``, ``bf16`` or ``auto`` (bf16 where the device has bf16 units).
 
@@ -54,7 +55,8 @@ def load_embedder(model: str | os.PathLike[str], device: str | None = None, prec
         from sentence_transformers import SentenceTransformer
     except ImportError as err:
         raise ImportError(f"evaluation needs sentence-transformers: {INSTALL_HINT}") from err
-    path = resolve_hf(model)
+    # a sentence-transformers folder loads as it is (modules of any kind, such as a static embedding)
+    path = os.fspath(model) if (Path(model) / "modules.json").is_file() else resolve_hf(model)
     try:
         st = SentenceTransformer(path, device=device)
     except OSError as err:

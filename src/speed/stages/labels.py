@@ -35,6 +35,7 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from speed.evaluation import load_embedder
 from speed.io import atomic_write, read_rows, write_jsonl
 from speed.stage import Stage, StageContext, StageError, register
 from speed.tasks import get_kind
@@ -87,17 +88,6 @@ def write_parts(folder: Path, rows: list[dict[str, Any]]) -> None:
         table = pa.Table.from_pylist([{c: r.get(c) for c in COLUMNS} for r in chunk], schema=schema)
         with atomic_write(folder / f"part-{i:05d}.parquet", "wb") as fh:
             pq.write_table(table, fh)
-
-
-def load_embedder(name: str, device: str | None = None) -> Any:
-    """The SentenceTransformer that scores: a sentence-transformers folder as it is, else what
-    :func:`speed.models.resolve_hf` finds (a packaged model, a transformers folder, a hub name)."""
-    from sentence_transformers import SentenceTransformer
-
-    from speed.models import resolve_hf
-
-    path = name if (Path(name) / "modules.json").is_file() else resolve_hf(name)
-    return SentenceTransformer(path, device=device)
 
 
 def _row(src: dict[str, Any]) -> dict[str, Any]:
@@ -180,7 +170,7 @@ class Labels(Stage):
 
         spec = ctx.cfg.models.embedder
         model_name = str(cfg.model or spec.model)
-        model = load_embedder(model_name, None if spec.device == "auto" else spec.device)
+        model = load_embedder(model_name, None if spec.device == "auto" else spec.device, cfg.precision)
         dropped: dict[int, dict[str, Any]] = {}
         extra_positives: list[tuple[str, str]] = []
         timings: dict[str, float] = {}
