@@ -809,6 +809,13 @@ class SynthesizeConfig(Section):
         True, description="Drop examples sharing text with the evaluate.tasks data (needs the eval folder)."
     )
     decontam_ngram: StrictInt = Field(13, gt=0, description="n of the word n-grams shared with eval text.")
+    decontam_documents: bool = Field(
+        True,
+        description="Also decontaminate against the documents of retrieval tasks, not only their "
+        "queries. false when the run's corpus is those documents (configs/domain.yaml on SciFact): a "
+        "query that quotes its own passage is then the user's text, not the test set's; the test "
+        "queries stay checked.",
+    )
     language: str = Field("English")
     check_language: bool = Field(True, description="Drop examples in another language than asked.")
     keep_without_negative: bool = Field(

@@ -84,6 +84,10 @@ def test_retrieval_layout_and_folder_names(tmp_path):
     assert index.check("bells ring at noon") is None
     index = Decontaminator.from_eval_dir(["Toy"], tmp_path)
     assert index.sizes == {"Toy": 3}  # title, text, query
+    # a run grounded on this very corpus: its documents are the user's text, the queries stay checked
+    index = Decontaminator.from_eval_dir(["Toy"], tmp_path, documents=False)
+    assert index.sizes == {"Toy": 1} and index.check("Fact: " + doc[4:]) is None
+    assert index.check("When do bells ring") == "Toy"
     with pytest.raises(DecontamError, match="retrieval/Toy"):
         Decontaminator.from_eval_dir(["Tyo"], tmp_path)
 

@@ -98,8 +98,11 @@ def resolve_eval_folders(tasks: Iterable[str], eval_dir: Path) -> dict[str, tupl
     return found
 
 
-def eval_texts(folder: Path, layout: str) -> Iterator[str]:
+def eval_texts(folder: Path, layout: str, documents: bool = True) -> Iterator[str]:
     """The texts of one evaluation folder that synthetic data must not contain.
+
+    ``documents``: False leaves out the corpus of a retrieval or reranking task (its queries stay):
+    for a run grounded on that very corpus, where quoting a document is the point, not a leak.
 
     Raises:
         DecontamError: an unknown layout, or a folder with no file to read.
@@ -109,7 +112,7 @@ def eval_texts(folder: Path, layout: str) -> Iterator[str]:
             f"unknown evaluation layout '{layout}' of {folder}; one of {list(_LAYOUT_FIELDS)}"
         )
     if layout in ("retrieval", "reranking"):
-        files = [folder / "corpus.jsonl", folder / "queries.jsonl"]
+        files = [folder / "corpus.jsonl", folder / "queries.jsonl"][0 if documents else 1 :]
     else:
         files = sorted(folder.glob("*.jsonl"))
         if layout != "clustering":
@@ -161,13 +164,15 @@ class Decontaminator:
         tasks: Iterable[str],
         eval_dir: str | os.PathLike[str] | None = None,
         n: int = 13,
+        documents: bool = True,
         **kwargs: Any,
     ) -> Decontaminator:
-        """Index the texts of the evaluation ``tasks`` found in ``eval_dir`` (see :func:`find_eval_dir`)."""
+        """Index the texts of the evaluation ``tasks`` found in ``eval_dir`` (see :func:`find_eval_dir`);
+        ``documents``: as in :func:`eval_texts`."""
         root = find_eval_dir(eval_dir)
         index = cls(n=n, **kwargs)
         for task, (folder, layout) in resolve_eval_folders(tasks, root).items():
-            index.add(task, eval_texts(folder, layout))
+            index.add(task, eval_texts(folder, layout, documents))
         return index
 
     def add(self, task: str, texts: Iterable[str]) -> None:

@@ -313,7 +313,9 @@ class Synthesize(GenerationStage):
         from speed.data.decontam import Decontaminator
 
         try:
-            return Decontaminator.from_eval_dir(tasks, ecfg.data_dir, n=scfg.decontam_ngram)
+            return Decontaminator.from_eval_dir(
+                tasks, ecfg.data_dir, n=scfg.decontam_ngram, documents=scfg.decontam_documents
+            )
         except (FileNotFoundError, ValueError) as err:
             raise StageError(
                 f"stage 'synthesize': cannot read the evaluation data to decontaminate against ({err}); "
