@@ -13,6 +13,7 @@ import pytest
 from speed.config import MiningConfig
 from speed.data.labels import (
     BM25Scorer,
+    Encoded,
     PassageIndex,
     Pool,
     RelabelVerdict,
@@ -102,6 +103,28 @@ def test_mining_takes_the_closest_passage_below_the_margin(model: Any) -> None:
         model, ["cat mat tree"], ["cat mat tree"], corpus, cfg.model_copy(update={"relative_margin": 0.2})
     )
     assert tight[("cat mat tree", "cat mat tree")][0][0] == "cat dog"
+
+
+def test_mining_on_vectors_already_encoded_gives_the_same_negatives_without_encoding_again(
+    model: Any,
+) -> None:
+    corpus = ["cat mat tree", "cat mat", "cat dog", "sun moon", "ship sea"]
+    queries = ["cat mat tree", "ship on the sea"]
+    cfg = MiningConfig(negatives="mined", relative_margin=None, num_negatives=2)
+    plain = mine_negatives(model, queries, corpus[:1] * 2, corpus, cfg)
+    known = Encoded(
+        model,
+        dict(zip(queries, encode(model, queries, query=True), strict=True)),
+        dict(zip(corpus, encode(model, corpus), strict=True)),
+    )
+    assert mine_negatives(known, queries, corpus[:1] * 2, corpus, cfg) == plain and known.encoded == 0
+    # a text it has not seen is encoded once, then kept; the vectors are the model's
+    half = Encoded(model, {}, dict(zip(corpus[:2], encode(model, corpus[:2]), strict=True)))
+    assert mine_negatives(half, queries, corpus[:1] * 2, corpus, cfg) == plain
+    assert half.encoded == len(queries) + len(corpus) - 2
+    again = half.encode_document(corpus, normalize_embeddings=True, convert_to_numpy=True)
+    assert half.encoded == len(queries) + len(corpus) - 2
+    assert np.allclose(again, encode(model, corpus), atol=1e-6)
 
 
 def test_mining_never_mines_a_passage_known_to_answer(model: Any) -> None:

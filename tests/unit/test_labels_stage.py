@@ -237,6 +237,7 @@ def test_mined_negatives_from_the_corpus_when_the_run_has_one(tmp_path: Path, em
         corpus=corpus,
     )
     assert stats["mining"]["source"] == "corpus" and stats["corpus"] == len(corpus)
+    assert stats["mining"]["encoded"] is None  # no search ran before it: the library encoded
     first = next(r for r in rows if r["query_text"] == "cat on the mat")
     assert first["negative"] == "cat mat" and first["negative_source"] == "mined"
 
@@ -244,3 +245,14 @@ def test_mined_negatives_from_the_corpus_when_the_run_has_one(tmp_path: Path, em
 def test_corpus_source_without_a_corpus_fails_before_any_work(tmp_path: Path, embedder: str) -> None:
     with pytest.raises(StageError, match=r"labels\.mining\.source is 'corpus'"):
         run_labels(tmp_path, embedder, "labels.mining.negatives=mined", "labels.mining.source=corpus")
+
+
+def test_mining_after_the_round_trip_reuses_its_vectors(tmp_path: Path, embedder: str) -> None:
+    stats, _, _, _ = run_labels(
+        tmp_path,
+        embedder,
+        "labels.round_trip.enabled=true",
+        "labels.mining.negatives=both",
+        "labels.mining.relative_margin=null",
+    )
+    assert stats["mining"]["mined"] > 0 and stats["mining"]["encoded"] == 0

@@ -16,7 +16,9 @@ Design choices:
   not counting the example's own generated negative (it is written to be close to the query; it
   should not cost its own example).
 - **Mining** is sentence-transformers' own :func:`sentence_transformers.util.mine_hard_negatives`,
-  with its positive-aware margins and ranges; this module maps its output back to the examples.
+  with its positive-aware margins and ranges; this module maps its output back to the examples. The
+  library encodes its corpus and queries itself; :class:`Encoded` hands it the vectors the search
+  already made, so a pool is encoded once per run, not twice (encoding is most of the stage's time).
 - **Relabel** (Gecko): the judge sees the query and two passages in a seeded random order (against
   position bias) and answers in JSON which one answers the query; :func:`relabel_outcome` turns the
   answer into swap, keep or drop. An answer that does not parse keeps the example (a weak judge never
@@ -69,6 +71,54 @@ class Pool:
 
 # --------------------------------------------------------------------------------------------
 # vectors and search
+
+
+class Encoded:
+    """A SentenceTransformer that answers ``encode_query`` / ``encode_document`` from vectors it
+    already has, and encodes (then keeps) only the texts it has not seen; anything else is the model's.
+
+    Only calls that ask for normalized NumPy vectors with no prompt (what :func:`encode` makes) are
+    answered from the table; any other call goes to the model unchanged.
+
+    Args:
+        model: the SentenceTransformer.
+        queries, documents: text -> normalized float32 vector, of each side.
+    """
+
+    def __init__(
+        self, model: Any, queries: Mapping[str, np.ndarray], documents: Mapping[str, np.ndarray]
+    ) -> None:
+        self.model = model
+        self.tables = {"encode_query": dict(queries), "encode_document": dict(documents)}
+        self.encoded = 0  # texts this wrapper had to encode
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.model, name)
+
+    def encode_query(self, texts: Sequence[str], **kwargs: Any) -> Any:
+        return self._answer("encode_query", texts, kwargs)
+
+    def encode_document(self, texts: Sequence[str], **kwargs: Any) -> Any:
+        return self._answer("encode_document", texts, kwargs)
+
+    def _answer(self, side: str, texts: Sequence[str], kwargs: dict[str, Any]) -> Any:
+        fn = getattr(self.model, side)
+        if isinstance(texts, str) or not (
+            kwargs.get("normalize_embeddings") and kwargs.get("convert_to_numpy", True)
+        ):
+            return fn(texts, **kwargs)
+        if kwargs.get("prompt") or kwargs.get("prompt_name") or kwargs.get("pool"):
+            return fn(texts, **kwargs)
+        table = self.tables[side]
+        missing = [t for t in dict.fromkeys(texts) if t not in table]
+        if missing:
+            vecs = np.asarray(fn(missing, **kwargs), dtype=np.float32)
+            table.update(zip(missing, vecs, strict=True))
+            self.encoded += len(missing)
+        dim = self.model.get_embedding_dimension()
+        if not texts:
+            return np.zeros((0, dim), dtype=np.float32)
+        return np.stack([table[t] for t in texts])
 
 
 def encode(model: Any, texts: Sequence[str], batch_size: int = 64, query: bool = False) -> np.ndarray:

@@ -198,7 +198,18 @@ class Labels(Stage):
         if cfg.mining.negatives != "generated":
             t0 = time.monotonic()
             todo = [i for i in checked if i not in dropped]
-            out_rows, stats["mining"] = self.mine(ctx, model, rows, kept, todo, corpus, pool, extra_positives)
+            miner = model
+            if dense is not None:  # the library gets the vectors the search made, not a second encoding
+                from speed.data.labels import Encoded
+
+                texts = [rows[i]["query_text"] or rows[i]["query"] for i in checked]
+                miner = Encoded(
+                    model,
+                    dict(zip(texts, dense["queries"], strict=True)),
+                    dict(zip(pool.texts, dense["vectors"], strict=True)),
+                )
+            out_rows, stats["mining"] = self.mine(ctx, miner, rows, kept, todo, corpus, pool, extra_positives)
+            stats["mining"]["encoded"] = getattr(miner, "encoded", None)
             timings["mining"] = time.monotonic() - t0
 
         for info in dropped.values():
