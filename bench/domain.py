@@ -122,9 +122,10 @@ def main() -> int:
 
     figures: dict[str, Any] = {"cpu": cpu, "seeds": args.seeds, "synthesize": synth, "variants": {}}
     baseline: dict[str, float] = {}
-    for variant in variants:
-        runs = []
-        for seed in range(args.seeds):
+    # seed-major: an interrupted bench still has every variant's first seed to compare
+    for seed in range(args.seeds):
+        for variant in variants:
+            runs = figures["variants"].setdefault(variant, [])
             run_dir = work / f"{variant}-s{seed}"
             # seed 0 runs the variant's labels stage; later seeds start from it (the labels stage's
             # key holds no embed setting), so only embed and evaluate run again
@@ -142,8 +143,9 @@ def main() -> int:
                 }
             )
             print(f"  {variant} seed {seed}: {ev.get('scores')} ({wall / 60:.1f} min)", flush=True)
-        figures["variants"][variant] = runs
-    figures["baseline"] = baseline
+            figures["baseline"] = baseline
+            if args.json:  # after every run, so that an interrupted bench keeps what it measured
+                Path(args.json).write_text(json.dumps(figures, indent=2))
 
     tasks = sorted(baseline)
     print()
@@ -171,8 +173,6 @@ def main() -> int:
             + f" | {drops.get('round_trip', 0)} | {relabel.get('swap', 0)}/{relabel.get('drop', 0)}"
             + f" | {mining.get('mined', 0)} |"
         )
-    if args.json:
-        Path(args.json).write_text(json.dumps(figures, indent=2))
     return 0
 
 
