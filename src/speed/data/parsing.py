@@ -8,6 +8,8 @@ Design choices:
 - Order of attempts, cheapest first: the whole text as JSON; each code fence; each balanced
   ``{...}`` or ``[...]`` span found by a string-aware bracket scan; finally ``json_repair`` on the
   most promising span. A repaired parse is flagged so that repair rates can be reported.
+- Raw control characters inside strings (a newline in a query) are accepted as written: a schema
+  grammar may allow them, and they are the model's text, not a fault to repair.
 - A real JSON parser and pydantic validation only: never ``eval``, and only the specific
   exceptions those libraries raise are caught.
 - Keys are matched to the schema's fields ignoring case, spaces, ``-`` and ``_``; a single wrapper
@@ -64,8 +66,10 @@ class ParseResult(Generic[T]):
 
 
 def _loads(text: str) -> tuple[bool, Any]:
+    # strict=False: a raw newline or tab inside a string is text the model wrote, not broken JSON;
+    # llama-cpp-python's schema grammar admits them (llama.cpp's own converter escapes them)
     try:
-        return True, json.loads(text)
+        return True, json.loads(text, strict=False)
     except (ValueError, RecursionError):  # JSONDecodeError is a ValueError
         return False, None
 
