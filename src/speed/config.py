@@ -905,6 +905,13 @@ class RelabelConfig(Section):
         0.0, ge=0, description="Ask only when the passage scores above the positive by more than this."
     )
     max_tokens: StrictInt = Field(256, gt=0, description="Cap on the judge's answer.")
+    both_orders: bool = Field(
+        True,
+        description="Show each pair twice, the candidate first then second, and act only when both "
+        "verdicts agree; otherwise keep the example (counted as inconsistent). On the domain bench the "
+        "0.5B teacher answered 'A' in 226 of 228 single-order calls, which swapped 110 positives by "
+        "position alone. false: one call, in a seeded random order.",
+    )
 
 
 class LabelsConfig(Section):

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from needs import skip_or_fail
+from speed.data.labels import OUTCOMES
 from speed.io import read_jsonl, read_rows
 from speed.ledger import Ledger, LedgeredBackend
 from speed.stage import StageContext
@@ -178,11 +179,14 @@ def test_one_relabel_round_with_the_real_llama_cpp_teacher(tmp_path: Path) -> No
     rel = stats["relabel"]
     print(f"\nrelabel with the real teacher: {rel}")
     assert rel["asked"] >= 1  # the mislabeled example's true passage outscores its random positive
-    assert sum(rel[k] for k in ("swap", "keep", "both", "drop", "unparsed")) == rel["asked"]
+    assert sum(rel[k] for k in OUTCOMES) == rel["asked"]
+    # each pair shown in both orders (labels.relabel.both_orders, the default)
     totals = ctx.ledger.totals(stage="labels", role="teacher")
-    assert totals.calls == rel["asked"] and totals.tokens_in > 0
+    assert totals.calls == rel["calls"] == 2 * rel["asked"] and totals.tokens_in > 0
     log = read_jsonl(ctx.out / "relabel.jsonl")
-    assert len(log) == rel["asked"] and all(e["raw_output"] for e in log)
+    assert len(log) == rel["asked"]
+    assert all([v["candidate_at"] for v in e["verdicts"]] in (["A", "B"], ["B", "A"]) for e in log)
+    assert all(v["raw_output"] for e in log for v in e["verdicts"])
     assert stats["drops"] == ({"relabel_neither": rel["drop"]} if rel["drop"] else {})
     swapped = [r for r in kept if r["relabeled"]]
     assert len(swapped) == rel["swap"] and all(r["positive"] in corpus for r in swapped)

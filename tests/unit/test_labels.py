@@ -17,9 +17,11 @@ from speed.data.labels import (
     PassageIndex,
     Pool,
     RelabelVerdict,
+    agreed_outcome,
     dense_ranks,
     encode,
     mine_negatives,
+    other_side,
     relabel_order,
     relabel_outcome,
     relabel_values,
@@ -161,6 +163,24 @@ def test_mining_leaves_out_a_pair_the_margin_leaves_without_negative(model: Any)
 )
 def test_relabel_outcome(answer: str, candidate_at: str, outcome: str) -> None:
     assert relabel_outcome(RelabelVerdict(answer=answer), candidate_at) == outcome  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "acted_on"),
+    [
+        ("swap", "swap", "swap"),
+        ("keep", "keep", "keep"),
+        ("drop", "drop", "drop"),
+        ("swap", "keep", "inconsistent"),  # a judge that always says A, candidate shown first then second
+        ("both", "drop", "inconsistent"),
+        ("swap", "unparsed", "unparsed"),
+    ],
+)
+def test_only_a_verdict_that_survives_the_order_is_acted_on(first: str, second: str, acted_on: str) -> None:
+    assert agreed_outcome([first, second]) == acted_on  # type: ignore[list-item]
+    assert agreed_outcome([first]) == first  # type: ignore[list-item]
+    always_a = RelabelVerdict(answer="A")
+    assert agreed_outcome([relabel_outcome(always_a, s) for s in ("A", other_side("A"))]) == "inconsistent"
 
 
 def test_relabel_unparsed_keeps_and_the_order_is_both_ways() -> None:

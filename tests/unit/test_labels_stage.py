@@ -91,6 +91,7 @@ def run_labels(
     *overrides: str,
     script: dict[str, str] | None = None,
     corpus: list[str] | None = None,
+    judge: ScriptedJudge | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]], StageContext, ScriptedJudge]:
     run = tmp_path / "run"
     syn = run / "synthesize"
@@ -126,7 +127,7 @@ def run_labels(
         docs.write_text("".join(json.dumps({"id": str(i), "text": t}) + "\n" for i, t in enumerate(corpus)))
         overrides = (*overrides, f"corpus.paths=[{docs}]", "corpus.min_tokens=1")
     cfg: SpeedConfig = load_config(None, [f"run.dir={run}", f"labels.model={embedder}", *overrides])
-    judge = ScriptedJudge(script or {})
+    judge = judge or ScriptedJudge(script or {})
     ledger = Ledger(run / "ledger.sqlite")
     out = run / ".work" / "labels"
     out.mkdir(parents=True)
@@ -182,14 +183,50 @@ def test_relabel_swaps_or_drops_as_the_judge_says_and_the_calls_are_in_the_ledge
         script=script,
     )
     rel = stats["relabel"]
-    assert rel["asked"] == 2 and rel["swap"] == 1 and rel["drop"] == 1 and judge.calls == 2
+    # each pair in both orders: 2 examples, 4 calls; a judge that reads the passages agrees with itself
+    assert rel["asked"] == 2 and rel["swap"] == 1 and rel["drop"] == 1 and judge.calls == rel["calls"] == 4
     # the swapped example now passes the round trip; the judged-unanswerable one is dropped by name
     assert stats["drops"] == {"relabel_neither": 1}
     swapped = next(r for r in rows if r["query_text"] == "ship on the sea river")
     assert swapped["positive"] == "ship sea river" and swapped["relabeled"] is True
-    assert ctx.ledger.totals(stage="labels", role="teacher").calls == 2
+    assert ctx.ledger.totals(stage="labels", role="teacher").calls == 4
     log = read_jsonl(ctx.out / "relabel.jsonl")
     assert sorted(e["outcome"] for e in log) == ["drop", "swap"]
+    assert all(sorted(v["candidate_at"] for v in e["verdicts"]) == ["A", "B"] for e in log)
+
+
+class FirstPassageJudge(ScriptedJudge):
+    """A position-biased judge, as the 0.5B teacher was on the domain bench: always answers A."""
+
+    def generate(self, requests: Sequence[Request]) -> list[Completion]:
+        self.calls += len(requests)
+        return [Completion(texts=['{"reason": "first", "answer": "A"}'], tokens_out=9) for _ in requests]
+
+
+@pytest.mark.parametrize("both_orders", [True, False])
+def test_a_judge_that_always_picks_the_first_passage_swaps_nothing_when_asked_both_ways(
+    tmp_path: Path, embedder: str, both_orders: bool
+) -> None:
+    stats, rows, ctx, judge = run_labels(
+        tmp_path,
+        embedder,
+        "labels.relabel.enabled=true",
+        f"labels.relabel.both_orders={str(both_orders).lower()}",
+        "labels.round_trip.k=1",
+        judge=FirstPassageJudge({}),
+    )
+    rel = stats["relabel"]
+    swapped = [r for r in rows if r["relabeled"]]
+    if both_orders:
+        # its verdict flips with the order: every example is kept as written, and counted
+        assert rel["asked"] == 2 and rel["inconsistent"] == 2 and rel["swap"] == rel["keep"] == 0
+        assert not swapped and judge.calls == 4
+    else:
+        # one order: the swap follows where the candidate happened to be shown
+        assert rel["swap"] + rel["keep"] == rel["asked"] == 2 and judge.calls == 2
+        log = read_jsonl(ctx.out / "relabel.jsonl")
+        shown_first = sum(e["verdicts"][0]["candidate_at"] == "A" for e in log)
+        assert len(swapped) == rel["swap"] == shown_first
 
 
 def test_relabel_keep_leaves_the_positive_for_the_round_trip_to_judge(tmp_path: Path, embedder: str) -> None:

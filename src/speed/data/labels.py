@@ -21,8 +21,10 @@ Design choices:
   already made, so a pool is encoded once per run, not twice (encoding is most of the stage's time).
 - **Relabel** (Gecko): the judge sees the query and two passages in a seeded random order (against
   position bias) and answers in JSON which one answers the query; :func:`relabel_outcome` turns the
-  answer into swap, keep or drop. An answer that does not parse keeps the example (a weak judge never
-  costs an example), and is counted.
+  answer into swap, keep or drop. By default each pair is shown in both orders and only a verdict
+  that survives the order is acted on (:func:`agreed_outcome`): a small judge picks the first
+  passage almost always, and one order alone would then swap positives at random. An answer that
+  does not parse keeps the example (a weak judge never costs an example), and is counted.
 """
 
 from __future__ import annotations
@@ -375,7 +377,9 @@ class RelabelVerdict(BaseModel):
     answer: Literal["A", "B", "both", "neither"]
 
 
-Outcome = Literal["swap", "keep", "both", "drop", "unparsed"]
+Outcome = Literal["swap", "keep", "both", "drop", "unparsed", "inconsistent"]
+#: every outcome, in the order stats and the report list them
+OUTCOMES: tuple[Outcome, ...] = ("swap", "keep", "both", "drop", "unparsed", "inconsistent")
 
 #: where a passage is shown to the judge
 Side = Literal["A", "B"]
@@ -405,6 +409,22 @@ def relabel_outcome(verdict: RelabelVerdict | None, candidate_at: Side) -> Outco
     if verdict.answer == "neither":
         return "drop"
     return "swap" if verdict.answer == candidate_at else "keep"
+
+
+def other_side(side: Side) -> Side:
+    return "B" if side == "A" else "A"
+
+
+def agreed_outcome(outcomes: Sequence[Outcome]) -> Outcome:
+    """One outcome from the verdicts on the same pair shown in different orders.
+
+    A judge that always picks the passage it saw first gives opposite outcomes for the two orders;
+    only a verdict that survives the order is acted on. Any unparsed verdict makes the whole
+    ``unparsed``; verdicts that disagree make ``inconsistent``; both keep the example as it is.
+    """
+    if "unparsed" in outcomes:
+        return "unparsed"
+    return outcomes[0] if len(set(outcomes)) == 1 else "inconsistent"
 
 
 def relabel_values(

@@ -7,7 +7,9 @@ paper had it:
 1. **Relabel** (``labels.relabel``, Gecko): when a passage of the pool scores above an example's
    positive by more than ``margin`` (the embedder's cosine), the judge (the teacher, or the revisor
    trained in the run) reads the query and both passages and says which answers it; the positive is
-   swapped, kept, or the example dropped (``relabel_neither``). Calls go through the ledger.
+   swapped, kept, or the example dropped (``relabel_neither``). With ``both_orders`` (default) it
+   sees the pair twice, the candidate first and second, and a verdict that changes with the order
+   keeps the example (``inconsistent``). Calls go through the ledger.
 2. **Round trip** (``labels.round_trip``, Promptagator): the positive (after relabeling) must rank
    within the top ``k`` of the pool for its query, by the embedder or BM25; otherwise the example is
    dropped (``round_trip``).
@@ -23,8 +25,8 @@ checked examples.
 Outputs: ``data/part-NNNNN.parquet`` (the training rows embed reads: ``id``, ``kind``,
 ``instruction``, ``query``, ``query_text``, ``positive``, ``negative``, ``negative_source``:
 generated or mined, ``relabeled``), ``dropped.jsonl`` (each dropped example with its reason and
-scores), ``relabel.jsonl`` (each judge call: the passages in the order shown, the raw answer, the
-outcome). Stats count every drop, swap and mined negative.
+scores), ``relabel.jsonl`` (each judged example: its passages, scores, each order's raw answer and
+outcome, the outcome acted on). Stats count every drop, swap and mined negative.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from speed.stage import Stage, StageContext, StageError, register
 from speed.tasks import get_kind
 
 if TYPE_CHECKING:
-    from speed.data.labels import Side
+    from speed.data.labels import Outcome, Side
 
 logger = logging.getLogger(__name__)
 
@@ -273,7 +275,10 @@ class Labels(Stage):
         import numpy as np
 
         from speed.data.labels import (
+            OUTCOMES,
             RelabelVerdict,
+            agreed_outcome,
+            other_side,
             rank_in_results,
             relabel_order,
             relabel_outcome,
@@ -300,31 +305,50 @@ class Labels(Stage):
         if not asks:
             return {
                 "judge": cfg.judge,
+                "both_orders": cfg.both_orders,
                 "asked": 0,
-                **{k: 0 for k in ("swap", "keep", "both", "drop", "unparsed")},
+                **dict.fromkeys(OUTCOMES, 0),
             }
+        # the seeded order first (a rerun with both_orders replays it from the ledger), then the other
+        orders: list[list[Side]] = [
+            [where, other_side(where)] if cfg.both_orders else [where] for _, _, _, _, where in asks
+        ]
         schema = RelabelVerdict.model_json_schema()
         requests = [
             Request.chat(
                 render_template(
                     "relabel",
-                    **relabel_values(rows[i], rows[i]["positive"], pool.texts[cand], where),
+                    **relabel_values(rows[i], rows[i]["positive"], pool.texts[cand], side),
                 ),
                 sampling=Sampling(
                     temperature=0.0, max_tokens=cfg.max_tokens, seed=ctx.seed_for("relabel", i)
                 ),
                 schema=schema,
             )
-            for i, cand, _, _, where in asks
+            for (i, cand, _, _, _), sides in zip(asks, orders, strict=True)
+            for side in sides
         ]
-        logger.info("labels: asking the %s about %d examples", cfg.judge, len(requests))
-        completions = ctx.llm(cfg.judge).generate(requests)
+        logger.info("labels: asking the %s about %d examples (%d calls)", cfg.judge, len(asks), len(requests))
+        answers = iter(ctx.llm(cfg.judge).generate(requests))
         log = []
-        for (i, cand, pos_score, cand_score, where), comp in zip(asks, completions, strict=True):
-            verdict = None
-            if comp.error is None:
-                verdict = parse_json(comp.text, RelabelVerdict).value
-            outcome = relabel_outcome(verdict, where)
+        for (i, cand, pos_score, cand_score, _), sides in zip(asks, orders, strict=True):
+            verdicts: list[dict[str, Any]] = []
+            outcomes: list[Outcome] = []
+            for side in sides:
+                comp = next(answers)
+                verdict = None
+                if comp.error is None:
+                    verdict = parse_json(comp.text, RelabelVerdict).value
+                outcomes.append(relabel_outcome(verdict, side))
+                verdicts.append(
+                    {
+                        "candidate_at": side,
+                        "raw_output": comp.text,
+                        "error": comp.error,
+                        "outcome": outcomes[-1],
+                    }
+                )
+            outcome = agreed_outcome(outcomes)
             counts[outcome] += 1
             row = rows[i]
             log.append(
@@ -333,11 +357,9 @@ class Labels(Stage):
                     "query": row["query_text"],
                     "positive": row["positive"],
                     "candidate": pool.texts[cand],
-                    "candidate_at": where,
                     "positive_score": pos_score,
                     "candidate_score": cand_score,
-                    "raw_output": comp.text,
-                    "error": comp.error,
+                    "verdicts": verdicts,
                     "outcome": outcome,
                 }
             )
@@ -350,8 +372,10 @@ class Labels(Stage):
         write_jsonl(ctx.out / "relabel.jsonl", log)
         return {
             "judge": cfg.judge,
+            "both_orders": cfg.both_orders,
             "asked": len(asks),
-            **{k: counts[k] for k in ("swap", "keep", "both", "drop", "unparsed")},
+            "calls": len(requests),
+            **{k: counts[k] for k in OUTCOMES},
         }
 
     def round_trip(
