@@ -6,17 +6,18 @@ seed and scores SciFact and NFCorpus (nDCG@10) against the base model. The varia
 checks of the labels and embed stages off one at a time:
 
 - ``full``: configs/domain.yaml as written (mined negatives beside the generated ones, round trip,
-  relabel by the teacher, in-batch false-negative margin);
+  in-batch false-negative margin; no relabel: its 0.5B teacher judges by position);
 - ``no_mining``: the generated hard negative only;
 - ``no_round_trip``: no round-trip filter;
-- ``no_relabel``: no relabeling;
+- ``relabel``: full plus the teacher's relabel (both orders; for a teacher worth asking);
 - ``no_false_negatives``: plain InfoNCE over in-batch negatives (E5);
-- ``none``: all four off (SPEED's data as published, grounded).
+- ``none``: all off (SPEED's data as published, grounded).
 
 Generation (brainstorm to synthesize) runs once in ``WORK/gen``; each variant and seed is a copy of
 that run (stage folders hard-linked, the ledger copied) resumed with its overrides and
 ``embed.seed``, so only labels, embed and evaluate run again (seeds after the first start from the
-variant's first seed, labels done); the baseline's scores are cached per machine. Decontamination stays on against the evaluation queries and documents.
+variant's first seed, labels done); the baseline's scores are cached per machine. Decontamination
+stays on against the evaluation queries (not their documents: the corpus is SciFact's own).
 
 Prints per variant: mean and standard deviation over seeds of each task's nDCG@10 and its
 difference to the base model, and the labels stage's counts (round-trip drops, relabel swaps and
@@ -46,7 +47,7 @@ VARIANTS: dict[str, list[str]] = {
     "full": [],
     "no_mining": ["labels.mining.negatives=generated"],
     "no_round_trip": ["labels.round_trip.enabled=false"],
-    "no_relabel": ["labels.relabel.enabled=false"],
+    "relabel": ["labels.relabel.enabled=true"],
     "no_false_negatives": ["embed.false_negatives=none"],
     "none": [
         "labels.mining.negatives=generated",
