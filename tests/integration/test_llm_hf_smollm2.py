@@ -43,10 +43,16 @@ def test_converted_model_answers_in_batches(smollm2_hf: Path) -> None:
     )
     assert "Paris" in greedy[0].text
     sampled = backend.generate([Request.chat(p, sampling=Sampling(max_tokens=16, n=2)) for p in PROMPTS])
-    for comp in greedy + sampled:
-        assert comp.error is None and all(t.strip() for t in comp.texts)
-        assert comp.tokens_in > 0 and comp.tokens_out > 0
     assert [len(c.texts) for c in sampled] == [2] * 4
+    for comp in greedy + sampled:
+        assert comp.error is None and len(comp.finish_reasons) == len(comp.texts)
+        assert comp.tokens_in > 0 and comp.tokens_out > 0
+    assert all(c.text.strip() for c in greedy)
+    # At temperature 1 a 135M model may end a sample at its first token (CI saw it once in 8):
+    # an empty text is the model's own stop, never a length-cut or decoding loss.
+    pairs = [(t, r) for c in sampled for t, r in zip(c.texts, c.finish_reasons, strict=True)]
+    assert all(t.strip() or r == "stop" for t, r in pairs)
+    assert sum(bool(t.strip()) for t, _ in pairs) >= 6
     backend.close()
 
 
