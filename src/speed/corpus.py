@@ -8,9 +8,11 @@ shared between neighbours; ``sample_size`` passages are drawn with the run seed 
 
 Output, in the run folder (``RUN/corpus/``), prepared once by the first stage that needs it:
 
-- ``passages.jsonl``: every passage, in corpus order: ``{"id": str, "text": str, "title": str | null}``.
-  A document that fits in one passage keeps its id; the passages of a longer one are ``ID#0``,
-  ``ID#1``, ... The title is the document's (every passage of it carries it).
+- ``passages.jsonl``: every passage, in corpus order: ``{"id": str, "text": str, "title": str | null,
+  "document": str}``. A document that fits in one passage keeps its id; the passages of a longer one
+  are ``ID#0``, ``ID#1``, ... ``document`` is the id of the document a passage was cut from, and the
+  title is the document's (every passage of it carries both): labels checks never take a passage
+  of an example's own document for a competitor or a negative.
 - ``sample.jsonl``: the passages drawn for generation (same schema, corpus order); all of them when
   ``sample_size`` is unset.
 - ``manifest.json``: the key (a hash of the corpus section, the run seed and the sha256 of every input
@@ -58,8 +60,12 @@ FOLDER = "corpus"
 PASSAGES = "passages.jsonl"
 SAMPLE = "sample.jsonl"
 MANIFEST = "manifest.json"
-#: bump when what :func:`prepare` writes changes for the same inputs
+#: bump when the passages themselves change for the same inputs (ids, texts, sampling): it is part
+#: of the key, so every grounded stage runs again
 VERSION = 1
+#: bump when the files gain or change a field but the passages stay the same: an older layout is
+#: prepared again, the key (and every stage's) stays
+LAYOUT = 2
 
 JSONL_SUFFIXES = (".jsonl",)
 PARQUET_SUFFIXES = (".parquet",)
@@ -80,13 +86,19 @@ class Passage:
     id: str
     text: str
     title: str | None = None
+    #: the id of the document the passage was cut from (its own id when empty)
+    document: str = ""
+
+    @property
+    def document_id(self) -> str:
+        return self.document or self.id
 
     def to_row(self) -> dict[str, Any]:
-        return {"id": self.id, "text": self.text, "title": self.title}
+        return {"id": self.id, "text": self.text, "title": self.title, "document": self.document_id}
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Passage:
-        return cls(str(row["id"]), str(row["text"]), row.get("title"))
+        return cls(str(row["id"]), str(row["text"]), row.get("title"), str(row.get("document") or ""))
 
 
 @dataclass(frozen=True)
@@ -391,7 +403,7 @@ def build_passages(
                 counts["too_short"] += 1
                 continue
             pid = doc.id if len(chunks) == 1 else f"{doc.id}#{k}"
-            out.append(Passage(pid, text, doc.title))
+            out.append(Passage(pid, text, doc.title, doc.id))
     counts["documents"] = documents
     if not out:
         where = ", ".join(str(p) for p, _ in files[:3]) + (" ..." if len(files) > 3 else "")
@@ -477,7 +489,8 @@ def prepare(
             manifest = dict(read_json(folder / MANIFEST))
         except ValueError:
             manifest = {}
-        if manifest.get("key") == key and _outputs_match(folder, manifest):
+        reusable = manifest.get("key") == key and manifest.get("layout", 1) == LAYOUT
+        if reusable and _outputs_match(folder, manifest):
             return manifest
     files = resolve_files(cfg, eval_dir)
     counts: Counter[str] = Counter()
@@ -493,6 +506,7 @@ def prepare(
     manifest = {
         "key": key,
         "version": VERSION,
+        "layout": LAYOUT,
         "files": {name: _sha256(path) for path, name in files},
         "documents": documents,
         "passages": len(passages),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections import Counter
@@ -191,11 +192,32 @@ def test_prepare_writes_passages_sample_and_manifest_once(tmp_path):
     assert manifest["documents"] == 20 and manifest["passages"] == 20 and manifest["sampled"] == 5
     assert len(load_passages(run)) == 20 and len(load_sample(run)) == 5
     rows = [json.loads(line) for line in (run / "corpus" / "passages.jsonl").read_text().splitlines()]
-    assert set(rows[0]) == {"id", "text", "title"}
+    assert set(rows[0]) == {"id", "text", "title", "document"}
     mtime = os.stat(run / "corpus" / "passages.jsonl").st_mtime_ns
     assert prepare(cfg, 0, run)["key"] == manifest["key"]  # cached: not written again
     assert os.stat(run / "corpus" / "passages.jsonl").st_mtime_ns == mtime
     assert not (run / ".work" / "corpus").exists()
+
+
+def test_an_older_layout_is_prepared_again_under_the_same_key(tmp_path):
+    src = _jsonl(tmp_path / "c.jsonl", [{"id": "d", "text": _words(12)}])
+    cfg = CorpusConfig(paths=[str(src)], chunk_tokens=4, chunk_overlap=0, min_tokens=1)
+    run = tmp_path / "run"
+    manifest = prepare(cfg, 0, run)
+    assert [(p.id, p.document_id) for p in load_passages(run)] == [("d#0", "d"), ("d#1", "d"), ("d#2", "d")]
+    # a run prepared before passages named their document: same key, files without the field
+    old = {k: v for k, v in manifest.items() if k != "layout"}
+    path = run / "corpus" / "passages.jsonl"
+    rows = [
+        {k: v for k, v in json.loads(line).items() if k != "document"}
+        for line in path.read_text().splitlines()
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    old["outputs"]["passages.jsonl"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    (run / "corpus" / "manifest.json").write_text(json.dumps(old))
+    assert [p.document_id for p in load_passages(run)] == ["d#0", "d#1", "d#2"]  # each its own
+    assert prepare(cfg, 0, run)["key"] == manifest["key"]
+    assert [p.document_id for p in load_passages(run)] == ["d", "d", "d"]
 
 
 def test_key_follows_content_and_seed_and_a_damaged_output_is_rebuilt(tmp_path):

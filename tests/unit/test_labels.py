@@ -5,12 +5,14 @@ BM25 ranks, the relabel verdicts, and the labels stage end to end on a fake run.
 from __future__ import annotations
 
 import random
+from collections import Counter
 from typing import Any
 
 import numpy as np
 import pytest
 
 from speed.config import MiningConfig
+from speed.corpus import Passage
 from speed.data.labels import (
     BM25Scorer,
     Encoded,
@@ -19,6 +21,7 @@ from speed.data.labels import (
     RelabelVerdict,
     agreed_outcome,
     dense_ranks,
+    document_neighbours,
     encode,
     mine_negatives,
     other_side,
@@ -80,6 +83,38 @@ def test_round_trip_does_not_count_the_examples_own_negative(model: Any) -> None
     assert dense_ranks(q, index, [1], [-1], depth=1)[0].rank is None
 
 
+def test_a_passage_of_the_positives_own_document_does_not_count_above_it(model: Any) -> None:
+    pool = Pool(["cat mat", "cat mat tree", "cat dog", "sun moon"])
+    index = PassageIndex(encode(model, pool.texts))
+    q = encode(model, ["cat mat"], query=True)
+    # "cat mat" (0) outscores the positive (1): a competitor, unless it is the positive's neighbour
+    (alone,) = dense_ranks(q, index, [1], [-1], depth=1)
+    assert alone.rank is None and alone.best_other == 0 and alone.neighbours_above == 0
+    (near,) = dense_ranks(q, index, [1], [-1], depth=1, neighbours=[{0}])
+    assert near.rank == 1 and near.best_other == 2 and near.neighbours_above == 1
+
+
+def test_document_neighbours_come_from_the_passage_an_example_was_built_on() -> None:
+    passages = [
+        Passage("7#0", "cat mat tree", None, "7"),
+        Passage("7#1", "cat mat", None, "7"),
+        Passage("7#2", "mat rug", None, "7"),
+        Passage("8", "sun moon", None, "8"),
+    ]
+    got = document_neighbours(
+        [
+            '{"passage": {"id": "7#0", "text": "cat mat tree"}}',
+            {"passage": {"id": "8"}},
+            "{}",
+            None,
+            "not json",
+        ],
+        ["cat mat tree", "sun moon", "x", "y", "z"],
+        passages,
+    )
+    assert got == [frozenset({"cat mat", "mat rug"}), frozenset(), frozenset(), frozenset(), frozenset()]
+
+
 def test_bm25_ranks() -> None:
     pytest.importorskip("bm25s")
     texts = ["the cat sat on the mat", "ships sail the sea", "bread and milk", "a dog in the rain"]
@@ -88,6 +123,9 @@ def test_bm25_ranks() -> None:
     assert ranked[0].rank == 1
     assert ranked[1].rank is None and ranked[1].best_other == 1  # its positive shares no word
     assert ranked[2].rank is None  # stopwords only: retrieves nothing
+    # "ships sail the sea" (1) outscores the positive "bread and milk" (2) but is its neighbour
+    near = scorer.ranks(["ships sea"], [2], [-1], depth=1, neighbours=[{1}])[0]
+    assert near.neighbours_above == 1 and near.best_other != 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -138,6 +176,17 @@ def test_mining_never_mines_a_passage_known_to_answer(model: Any) -> None:
         model, ["cat mat tree"], ["cat mat tree"], corpus, cfg, extra_positives=[("cat mat tree", "cat mat")]
     )
     assert told[("cat mat tree", "cat mat tree")][0][0] == "cat dog"
+
+
+def test_mining_passes_over_the_positives_own_document(model: Any) -> None:
+    corpus = ["cat mat", "cat dog", "sun moon"]
+    cfg = MiningConfig(negatives="mined", relative_margin=None)
+    pair = ("cat mat tree", "cat mat tree")
+    counts: Counter[str] = Counter()
+    got = mine_negatives(model, [pair[0]], [pair[1]], corpus, cfg, aside={pair: {"cat mat"}}, counts=counts)
+    assert got[pair] == [("cat dog", pytest.approx(got[pair][0][1]))] and counts["aside"] == 1
+    plain = mine_negatives(model, [pair[0]], [pair[1]], corpus, cfg)
+    assert plain[pair][0][0] == "cat mat"
 
 
 def test_mining_leaves_out_a_pair_the_margin_leaves_without_negative(model: Any) -> None:

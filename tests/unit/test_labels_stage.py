@@ -92,6 +92,7 @@ def run_labels(
     script: dict[str, str] | None = None,
     corpus: list[str] | None = None,
     judge: ScriptedJudge | None = None,
+    attributes: dict[int, dict[str, Any]] | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]], StageContext, ScriptedJudge]:
     run = tmp_path / "run"
     syn = run / "synthesize"
@@ -106,6 +107,7 @@ def run_labels(
             "query_text": q,
             "positive": p,
             "negative": n,
+            "attributes": json.dumps((attributes or {}).get(i, {})),
         }
         for i, (q, p, n) in enumerate(ROWS)
     ]
@@ -293,3 +295,39 @@ def test_mining_after_the_round_trip_reuses_its_vectors(tmp_path: Path, embedder
         "labels.mining.relative_margin=null",
     )
     assert stats["mining"]["mined"] > 0 and stats["mining"]["encoded"] == 0
+
+
+#: SciFact-like: document 0 is cut into two passages ("0#0": row 0's positive, and "0#1", which its
+#: query matches better); the others are one passage each
+CHUNKED = (["cat mat tree cat mat", "sea ship car", "milk bread", "gold coin king"], "corpus.chunk_tokens=3")
+
+
+@pytest.mark.parametrize("grounded", [True, False])
+def test_a_passage_of_the_positives_own_document_is_no_competitor_and_no_negative(
+    tmp_path: Path, embedder: str, grounded: bool
+) -> None:
+    docs, chunking = CHUNKED
+    stats, rows, _, _ = run_labels(
+        tmp_path,
+        embedder,
+        "labels.round_trip.enabled=true",
+        "labels.round_trip.k=1",
+        "labels.mining.negatives=mined",
+        "labels.mining.relative_margin=null",
+        chunking,
+        "corpus.chunk_overlap=0",
+        corpus=docs,
+        # row 0 was built on passage 0#0 (as synthesize writes a grounded prompt's attributes)
+        attributes={0: {"passage": {"id": "0#0", "text": "cat mat tree"}}} if grounded else None,
+    )
+    assert stats["corpus"] == 5  # 0#0, 0#1 and three one-passage documents
+    first = [r for r in rows if r["query_text"] == "cat on the mat"]
+    if grounded:
+        # "cat mat" (0#1) outscores the positive but is the same document: rank 1, kept, and counted
+        assert stats["round_trip"]["ranks"]["1"] >= 1 and stats["round_trip"]["neighbour_above"] == 1
+        assert first and all(r["negative"] != "cat mat" for r in first)
+        assert stats["mining"]["same_document"] >= 1
+    else:
+        # without provenance the neighbour is a competitor: the example is dropped at k=1
+        assert not first and stats["round_trip"]["neighbour_above"] == 0
+        assert stats["mining"]["same_document"] == 0

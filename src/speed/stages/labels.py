@@ -18,7 +18,9 @@ paper had it:
    replacing (``mined``) or adding to (``both``) the LLM-written negative.
 
 Relabel runs before the round trip so that a swapped positive (the top passage) is not dropped for
-the rank of the passage it replaced. The pool is the run's corpus (every passage of the ``corpus``
+the rank of the passage it replaced. An example built on a corpus passage (its attributes name it)
+has the other passages of that document set aside in all three: they are neither competitors nor
+negatives (a document cut into passages answers its query in more than one of them). The pool is the run's corpus (every passage of the ``corpus``
 section, prepared in ``RUN/corpus`` by :mod:`speed.corpus`) plus every positive and negative of the
 checked examples.
 
@@ -43,6 +45,7 @@ from speed.stage import Stage, StageContext, StageError, register
 from speed.tasks import get_kind
 
 if TYPE_CHECKING:
+    from speed.corpus import Passage
     from speed.data.labels import Outcome, Side
 
 logger = logging.getLogger(__name__)
@@ -64,7 +67,7 @@ COLUMNS: dict[str, str] = {
 PART_ROWS = 100_000
 
 
-def corpus_texts(ctx: StageContext) -> list[str] | None:
+def corpus_passages(ctx: StageContext) -> list[Passage] | None:
     """Every passage of the run's corpus (prepared in ``RUN/corpus`` if it is not there yet, see
     :func:`speed.corpus.prepare`), or None when the config names no corpus."""
     ccfg = ctx.cfg.corpus
@@ -73,7 +76,7 @@ def corpus_texts(ctx: StageContext) -> list[str] | None:
     from speed.corpus import load_passages, prepare
 
     prepare(ccfg, ctx.cfg.run.seed, ctx.run_dir, ctx.cfg.evaluate.data_dir)
-    return [p.text for p in load_passages(ctx.run_dir) if p.text]
+    return [p for p in load_passages(ctx.run_dir) if p.text]
 
 
 def write_parts(folder: Path, rows: list[dict[str, Any]]) -> None:
@@ -107,6 +110,8 @@ class Labels(Stage):
     """Relabel, round-trip filter and mined negatives over the synthetic data (each opt-in)."""
 
     name = "labels"
+    # 2: a passage of the positive's own document is no competitor and no negative
+    version = 2
     # the revisor as trained in this run (relabel.judge: revisor)
     reads = ("synthesize", "revisor")
     roles = ("embedder", "teacher", "revisor")
@@ -156,15 +161,30 @@ class Labels(Stage):
             write_parts(ctx.out / "data", rows)
             return {**stats, "count": len(rows), "drops": {}, "checked": 0}
 
-        from speed.data.labels import Pool
+        from speed.data.labels import Pool, document_neighbours
 
         # a grounded variant (retrieval_grounded) is checked as its kind (retrieval)
         families = {k: get_kind(k).family for k in {r["kind"] for r in rows}}
         checked = [i for i, r in enumerate(rows) if families[r["kind"]] in cfg.kinds and r["positive"]]
-        corpus = corpus_texts(ctx)
+        passages = corpus_passages(ctx)
+        corpus = [p.text for p in passages] if passages is not None else None
         pool = Pool(corpus or [])
         pool.add(rows[i]["positive"] for i in checked)
         pool.add(rows[i]["negative"] for i in checked if rows[i]["negative"])
+        # a grounded example's positive is a passage of a corpus document: the document's other
+        # passages are neither competitors (relabel, round trip) nor negatives (mining)
+        neighbours = dict(
+            zip(
+                checked,
+                document_neighbours(
+                    [source[i].get("attributes") for i in checked],
+                    [rows[i]["positive"] for i in checked],
+                    passages or [],
+                ),
+                strict=True,
+            )
+        )
+        near = {i: {pool.id(t) for t in neighbours[i]} - {-1} for i in checked}
         stats.update(checked=len(checked), pool=len(pool), corpus=len(corpus) if corpus is not None else None)
         logger.info(
             "labels: %d of %d rows checked against a pool of %d passages", len(checked), len(rows), len(pool)
@@ -180,19 +200,19 @@ class Labels(Stage):
         dense = None
         if cfg.relabel.enabled or (cfg.round_trip.enabled and cfg.round_trip.scorer == "embedder"):
             t0 = time.monotonic()
-            dense = self.dense(ctx, model, rows, checked, pool)
+            dense = self.dense(ctx, model, rows, checked, pool, near)
             timings["encode_search"] = time.monotonic() - t0
             stats["index"] = dense["index"]
 
         if cfg.relabel.enabled:
             assert dense is not None
             t0 = time.monotonic()
-            stats["relabel"] = self.relabel(ctx, rows, checked, pool, dense, dropped, extra_positives)
+            stats["relabel"] = self.relabel(ctx, rows, checked, pool, dense, near, dropped, extra_positives)
             timings["relabel"] = time.monotonic() - t0
 
         if cfg.round_trip.enabled:
             t0 = time.monotonic()
-            stats["round_trip"] = self.round_trip(ctx, rows, checked, pool, dense, dropped)
+            stats["round_trip"] = self.round_trip(ctx, rows, checked, pool, dense, near, dropped)
             timings["round_trip"] = time.monotonic() - t0
 
         kept = [i for i in range(len(rows)) if i not in dropped]
@@ -210,7 +230,9 @@ class Labels(Stage):
                     dict(zip(texts, dense["queries"], strict=True)),
                     dict(zip(pool.texts, dense["vectors"], strict=True)),
                 )
-            out_rows, stats["mining"] = self.mine(ctx, miner, rows, kept, todo, corpus, pool, extra_positives)
+            out_rows, stats["mining"] = self.mine(
+                ctx, miner, rows, kept, todo, corpus, pool, extra_positives, neighbours
+            )
             stats["mining"]["encoded"] = getattr(miner, "encoded", None)
             timings["mining"] = time.monotonic() - t0
 
@@ -239,10 +261,17 @@ class Labels(Stage):
     # -- steps ---------------------------------------------------------------------------------
 
     def dense(
-        self, ctx: StageContext, model: Any, rows: list[dict[str, Any]], checked: list[int], pool: Any
+        self,
+        ctx: StageContext,
+        model: Any,
+        rows: list[dict[str, Any]],
+        checked: list[int],
+        pool: Any,
+        near: dict[int, set[int]],
     ) -> dict[str, Any]:
-        """Encode the pool and the checked queries; search each query's top passages once."""
-        from speed.data.labels import PassageIndex, encode
+        """Encode the pool and the checked queries; search each query's top passages once, deep
+        enough that ``k`` competitors remain past the positive's neighbours (``near``)."""
+        from speed.data.labels import PassageIndex, encode, search_depth
 
         cfg = ctx.section
         vectors = encode(model, pool.texts, cfg.batch_size)
@@ -251,7 +280,7 @@ class Labels(Stage):
         )
         index = PassageIndex(vectors, ann_threshold=cfg.ann_threshold)
         depth = max(cfg.round_trip.k, 1)
-        scores, ids = index.search(queries, depth + 2)
+        scores, ids = index.search(queries, search_depth(depth, near.values()))
         return {
             "index": index.kind,
             "vectors": vectors,
@@ -268,6 +297,7 @@ class Labels(Stage):
         checked: list[int],
         pool: Any,
         dense: dict[str, Any],
+        near: dict[int, set[int]],
         dropped: dict[int, dict[str, Any]],
         extra_positives: list[tuple[str, str]],
     ) -> dict[str, Any]:
@@ -296,7 +326,13 @@ class Labels(Stage):
             positive = pool.id(rows[i]["positive"])
             pos_score = float(np.dot(dense["queries"][n], dense["vectors"][positive]))
             ranked = rank_in_results(
-                dense["scores"][n], dense["ids"][n], positive, pos_score, pool.id(rows[i]["negative"]), depth
+                dense["scores"][n],
+                dense["ids"][n],
+                positive,
+                pos_score,
+                pool.id(rows[i]["negative"]),
+                depth,
+                near[i],
             )
             if ranked.best_other >= 0 and ranked.best_other_score > pos_score + cfg.margin:
                 where = relabel_order(ctx.rng(f"relabel/{rows[i]['id']}/{i}"))
@@ -385,9 +421,11 @@ class Labels(Stage):
         checked: list[int],
         pool: Any,
         dense: dict[str, Any] | None,
+        near: dict[int, set[int]],
         dropped: dict[int, dict[str, Any]],
     ) -> dict[str, Any]:
-        """Drop the examples whose positive is not within the top k for their query."""
+        """Drop the examples whose positive is not within the top k for their query (passages of
+        its own document do not count above it)."""
         import numpy as np
 
         from speed.data.labels import BM25Scorer, rank_in_results
@@ -396,17 +434,20 @@ class Labels(Stage):
         todo = [i for i in checked if i not in dropped]
         positives = [pool.id(rows[i]["positive"]) for i in todo]
         excluded = [pool.id(rows[i]["negative"]) for i in todo]
+        neighbours = [near[i] for i in todo]
         if cfg.scorer == "bm25":
             ranks = BM25Scorer(pool.texts).ranks(
-                [rows[i]["query_text"] for i in todo], positives, excluded, cfg.k
+                [rows[i]["query_text"] for i in todo], positives, excluded, cfg.k, neighbours
             )
         else:
             assert dense is not None
             ranks = []
-            for i, pos, exc in zip(todo, positives, excluded, strict=True):
+            for i, pos, exc, nbr in zip(todo, positives, excluded, neighbours, strict=True):
                 n = dense["pos"][i]
                 score = float(np.dot(dense["queries"][n], dense["vectors"][pos]))
-                ranks.append(rank_in_results(dense["scores"][n], dense["ids"][n], pos, score, exc, cfg.k))
+                ranks.append(
+                    rank_in_results(dense["scores"][n], dense["ids"][n], pos, score, exc, cfg.k, nbr)
+                )
         at: Counter[str] = Counter()
         for i, ranked in zip(todo, ranks, strict=True):
             at[str(ranked.rank) if ranked.rank is not None else f">{cfg.k}"] += 1
@@ -424,6 +465,8 @@ class Labels(Stage):
             "checked": len(todo),
             "dropped": at.get(f">{cfg.k}", 0),
             "ranks": dict(sorted(at.items())),
+            # positives a passage of their own document outscored (not counted against them)
+            "neighbour_above": sum(r.neighbours_above > 0 for r in ranks),
         }
 
     def mine(
@@ -436,13 +479,16 @@ class Labels(Stage):
         corpus: list[str] | None,
         pool: Any,
         extra_positives: list[tuple[str, str]],
+        neighbours: dict[int, frozenset[str]],
     ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-        """Mined negatives for the checked rows left, as ``labels.mining.negatives`` says."""
+        """Mined negatives for the checked rows left, as ``labels.mining.negatives`` says; never a
+        passage of the positive's own document."""
         from speed.data.labels import mine_negatives
 
         cfg = ctx.section.mining
         use_corpus = cfg.source == "corpus" or (cfg.source == "auto" and corpus is not None)
         source = (corpus or []) if use_corpus else pool.texts
+        counts: Counter[str] = Counter()
         mined = mine_negatives(
             model,
             [rows[i]["query_text"] for i in todo],
@@ -452,10 +498,11 @@ class Labels(Stage):
             batch_size=ctx.section.batch_size,
             seed=ctx.seed_for("mining"),
             extra_positives=extra_positives,
+            aside={(rows[i]["query_text"], rows[i]["positive"]): neighbours[i] for i in todo},
+            counts=counts,
             use_faiss=len(source) > ctx.section.ann_threshold and _has_faiss(),
         )
         wanted = set(todo)
-        counts: Counter[str] = Counter()
         out: list[dict[str, Any]] = []
         for i in kept:
             row = rows[i]
@@ -482,6 +529,7 @@ class Labels(Stage):
             "candidates": len(source),
             "examples": len(todo),
             **{k: counts[k] for k in ("mined", "none_found", "replaced", "filled", "rows_added")},
+            "same_document": counts["aside"],
         }
 
 
