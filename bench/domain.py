@@ -8,6 +8,8 @@ checks of the labels and embed stages off one at a time:
 - ``full``: configs/domain.yaml as written (mined negatives beside the generated ones, round trip,
   in-batch false-negative margin; no relabel: its 0.5B teacher judges by position);
 - ``no_mining``: the generated hard negative only;
+- ``mined``: the mined negative instead of the generated one (an LLM-written negative is often a
+  false one: base MiniLM scored it above the positive in 58 of 104 grounded retrieval triples);
 - ``no_round_trip``: no round-trip filter;
 - ``relabel``: full plus the teacher's relabel (both orders; for a teacher worth asking);
 - ``no_false_negatives``: plain InfoNCE over in-batch negatives (E5);
@@ -46,6 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 VARIANTS: dict[str, list[str]] = {
     "full": [],
     "no_mining": ["labels.mining.negatives=generated"],
+    "mined": ["labels.mining.negatives=mined"],
     "no_round_trip": ["labels.round_trip.enabled=false"],
     "relabel": ["labels.relabel.enabled=true"],
     "no_false_negatives": ["embed.false_negatives=none"],
@@ -153,10 +156,10 @@ def main() -> int:
     print(
         "| variant | "
         + " | ".join(f"{t} nDCG@10 (mean ± sd) | Δ base" for t in tasks)
-        + " | round-trip drops | relabel swaps/drops | mined |"
+        + " | round-trip drops | relabel swaps/drops | mined | own document set aside |"
     )
-    print("|---|" + "---|---|" * len(tasks) + "---|---|---|")
-    print("| base model | " + " | ".join(f"{baseline[t]:.4f} | " for t in tasks) + " | | |")
+    print("|---|" + "---|---|" * len(tasks) + "---|---|---|---|")
+    print("| base model | " + " | ".join(f"{baseline[t]:.4f} | " for t in tasks) + " | | | |")
     for variant, runs in figures["variants"].items():
         cells = []
         for t in tasks:
@@ -172,7 +175,9 @@ def main() -> int:
             f"| {variant} | "
             + " | ".join(cells)
             + f" | {drops.get('round_trip', 0)} | {relabel.get('swap', 0)}/{relabel.get('drop', 0)}"
-            + f" | {mining.get('mined', 0)} |"
+            + f" | {mining.get('mined', 0)}"
+            + f" | {(lab.get('round_trip') or {}).get('neighbour_above', 0)} ranked, "
+            + f"{mining.get('same_document', 0)} mined |"
         )
     return 0
 
