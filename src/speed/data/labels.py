@@ -394,7 +394,8 @@ def mine_negatives(
         aside: ``(query, positive) -> passages`` never to take as that pair's negatives (the other
             passages of the positive's document): the library is asked for as many more negatives
             as the largest set holds, and those are passed over.
-        counts: if given, ``counts["aside"]`` grows by the negatives passed over.
+        counts: if given, ``counts["aside"]`` grows by the negatives that mining without ``aside``
+            would have taken from those passages (of the first ``num_negatives``).
         use_faiss: the library's faiss search (large corpora).
 
     Returns:
@@ -441,7 +442,7 @@ def mine_negatives(
         negatives = list(zip(texts[1:], (float(s) for s in scores[1:]), strict=True))
         kept = [(t, s) for t, s in negatives if t not in skip]
         if counts is not None:
-            counts["aside"] += len(negatives) - len(kept)
+            counts["aside"] += sum(t in skip for t, _ in negatives[: cfg.num_negatives])
         if kept:
             out[pair] = kept[: cfg.num_negatives]
     return out
