@@ -18,11 +18,11 @@ paper had it:
    replacing (``mined``) or adding to (``both``) the LLM-written negative.
 
 Relabel runs before the round trip so that a swapped positive (the top passage) is not dropped for
-the rank of the passage it replaced. An example built on a corpus passage (its attributes name it)
-has the other passages of that document set aside in all three: they are neither competitors nor
-negatives (a document cut into passages answers its query in more than one of them). The pool is the run's corpus (every passage of the ``corpus``
+the rank of the passage it replaced. The pool is the run's corpus (every passage of the ``corpus``
 section, prepared in ``RUN/corpus`` by :mod:`speed.corpus`) plus every positive and negative of the
-checked examples.
+checked examples. An example built on a corpus passage (its attributes name it) has the other
+passages of that document set aside in all three checks: they are neither competitors nor negatives
+(a document cut into passages answers its query in more than one of them).
 
 Outputs: ``data/part-NNNNN.parquet`` (the training rows embed reads: ``id``, ``kind``,
 ``instruction``, ``query``, ``query_text``, ``positive``, ``negative``, ``negative_source``:
@@ -173,17 +173,12 @@ class Labels(Stage):
         pool.add(rows[i]["negative"] for i in checked if rows[i]["negative"])
         # a grounded example's positive is a passage of a corpus document: the document's other
         # passages are neither competitors (relabel, round trip) nor negatives (mining)
-        neighbours = dict(
-            zip(
-                checked,
-                document_neighbours(
-                    [source[i].get("attributes") for i in checked],
-                    [rows[i]["positive"] for i in checked],
-                    passages or [],
-                ),
-                strict=True,
-            )
+        found = document_neighbours(
+            [source[i].get("attributes") for i in checked],
+            [rows[i]["positive"] for i in checked],
+            passages or [],
         )
+        neighbours = dict(zip(checked, found, strict=True))
         near = {i: {pool.id(t) for t in neighbours[i]} - {-1} for i in checked}
         stats.update(checked=len(checked), pool=len(pool), corpus=len(corpus) if corpus is not None else None)
         logger.info(
