@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 
 MODEL = "qwen2.5-coder-0.5b-instruct"
 NEEDED = 5
-MAX_ATTEMPTS = 14
+MAX_ATTEMPTS = 30  # the loop stops at NEEDED; retrieval needs the most (5 kept of 15 here, 2026-12-08)
 TOPIC = "Home/Energy at home/Heat pumps"
 SHORTEST = {"retrieval": {"num_words": 50}, "classification": {"input_length": "at least 10 words"}}
 MAX_TOKENS = {"retrieval": 400, "classification": 250, "matching_long": 400}

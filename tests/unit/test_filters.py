@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import random
 
 import pytest
 
@@ -11,6 +12,7 @@ from speed.data.filters import (
     EmptyField,
     LabelNotAllowed,
     PlaceholderText,
+    PromptEcho,
     QueryInDocument,
     Repetitive,
     TooShort,
@@ -26,6 +28,7 @@ from speed.data.filters import (
     similarity,
 )
 from speed.tasks import get_kind
+from speed.tasks.grounded import grounded_kind
 
 RETRIEVAL = get_kind("retrieval")
 CLASSIFICATION = get_kind("classification")
@@ -48,7 +51,8 @@ GOOD = {
     "positive_document": DOC,
     "hard_negative_document": NEG,
 }
-ATTRS = {"num_words": 60, "language": "English"}
+#: a retrieval prompt's attributes as sampled, with 60-word documents
+ATTRS = {**RETRIEVAL.sample_attributes(random.Random(0), "English"), "num_words": 60}
 
 
 def check(flt, fields, kind=RETRIEVAL, attrs=ATTRS):
@@ -265,3 +269,35 @@ def test_an_example_kept_without_its_negative_trains_as_a_pair():
     rows = RETRIEVAL.to_rows("Find documents.", GOOD | {"hard_negative_document": ""})
     assert rows[0]["negative"] is None and rows[0]["positive"] == DOC
     assert RETRIEVAL.to_rows("Find documents.", GOOD)[0]["negative"] == NEG
+
+
+def test_prompt_echo_drops_a_field_that_repeats_the_prompt_and_keeps_what_it_may_share():
+    prompt = RETRIEVAL.instructions(ATTRS)
+    assert "hard negative shares vocabulary" in prompt and "Task:" in prompt
+    echo = GOOD | {"user_query": "The hard negative shares vocabulary or subject matter with the query"}
+    assert "repeats the prompt" in check(PromptEcho(), echo)
+    assert check(PromptEcho(), GOOD) is None
+    assert failing_filter(echo, RETRIEVAL, ATTRS, default_filters(check_language=False))[0] == "prompt_echo"
+    # the task is the teacher's, not the prompt's: a query may share its words
+    task = "Find maintenance guides for home heating systems in winter."
+    assert task in RETRIEVAL.generation_prompt(task, ATTRS)
+    assert check(PromptEcho(), GOOD | {"user_query": "maintenance guides for home heating systems"}) is None
+
+
+def test_prompt_echo_on_a_grounded_prompt_leaves_the_passage_out():
+    kind = grounded_kind("retrieval")
+    attrs = kind.ground(
+        {**ATTRS, "num_words": 30}, {"id": "7", "text": DOC, "title": "Heat pump care in the cold months"}
+    )
+    assert DOC in kind.generation_prompt("t", attrs) and DOC not in kind.instructions(attrs)
+    good = {"user_query": "how to maintain a heat pump in winter", "hard_negative_document": NEG}
+    # words of the passage (its positive) and of its title are content, not an echo
+    shared = {"user_query": "clear snow and leaves from the outdoor unit"}
+    assert check(PromptEcho(), good | shared, kind, attrs) is None
+    assert (
+        check(PromptEcho(), good | {"user_query": "Heat pump care in the cold months"}, kind, attrs) is None
+    )
+    # a negative that is the prompt's own sentence: an echo, which keep_without_negative forgives
+    botched = good | {"hard_negative_document": "This document is the one the search must find, " + NEG}
+    assert "hard_negative_document" in check(PromptEcho(), botched, kind, attrs)
+    assert check(PromptEcho(), botched, WithoutNegative(kind), attrs) is None

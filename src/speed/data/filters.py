@@ -64,6 +64,11 @@ class KindShape(Protocol):
         """Field -> the language the prompt asked it in."""
         ...
 
+    def instructions(self, attributes: Mapping[str, Any]) -> str:
+        """The prompt's own words: the generation prompt without the task and without the
+        passage it is grounded on (content an example may share)."""
+        ...
+
 
 _WORD = re.compile(r"[^\W_]+")
 
@@ -256,6 +261,40 @@ class Repetitive(Filter):
             unique = len(set(grams)) / len(grams)
             if unique < self.min_unique:
                 return f"field '{field}' repeats itself ({unique:.0%} distinct 3-grams)"
+        return None
+
+
+class PromptEcho(Filter):
+    """A field repeats the prompt's own instructions: it shares a run of ``n`` words with the
+    generation prompt outside the task and the grounding passage ("A new document of about 110
+    words that looks like a match...", "This document is the one the search must find."). Small
+    generators do this when they lose the thread; such a text is the prompt, not an example. Of the
+    299 examples a domain run kept before this filter, 45 echoed their prompt (29 in the query, 24
+    of which the embedder's round trip also rejected; 16 in the hard negative only); every match
+    read was an echo."""
+
+    name = "prompt_echo"
+
+    def __init__(self, n: int = 5) -> None:
+        if n < 2:
+            raise ValueError(f"n must be at least 2 words, got {n}")
+        self.n = n
+
+    def grams(self, text: str) -> set[tuple[str, ...]]:
+        tokens = words(text)
+        return {tuple(tokens[i : i + self.n]) for i in range(len(tokens) - self.n + 1)}
+
+    def check(self, fields: Fields, kind: KindShape, attributes: Mapping[str, Any]) -> str | None:
+        prompt: set[tuple[str, ...]] | None = None
+        for field in kind.fields():
+            grams = self.grams(_text(fields, field))
+            if not grams:
+                continue
+            if prompt is None:
+                prompt = self.grams(kind.instructions(attributes))
+            shared = grams & prompt
+            if shared:
+                return f"field '{field}' repeats the prompt: {' '.join(min(shared))!r}"
         return None
 
 
@@ -487,6 +526,7 @@ def default_filters(
     filters: list[Filter] = [
         EmptyField(),
         PlaceholderText(),
+        PromptEcho(),
         Repetitive(),
         TooShort(min_length_ratio),
         QueryInDocument(min_query_words),
@@ -561,3 +601,6 @@ class WithoutNegative:
 
     def field_languages(self, attributes: Mapping[str, Any]) -> dict[str, str]:
         return {f: lang for f, lang in self.kind.field_languages(attributes).items() if f != self.dropped}
+
+    def instructions(self, attributes: Mapping[str, Any]) -> str:
+        return self.kind.instructions(attributes)

@@ -116,6 +116,8 @@ class Revisions(GenerationStage):
     """Senior outputs and the teacher's revisions of them."""
 
     name = "revisions"
+    # 2: the prompt_echo filter (a field that repeats the prompt's own instructions is dropped)
+    version = 2
     reads = ("brainstorm", "seed", "candidates", "senior")
     roles = ("senior", "teacher")
     release_after = ("senior",)

@@ -55,6 +55,8 @@ class Seed(GenerationStage):
     """Teacher-written seed examples."""
 
     name = "seed"
+    # 2: the prompt_echo filter (a field that repeats the prompt's own instructions is dropped)
+    version = 2
     reads = ("brainstorm",)
     roles = ("teacher",)
     nothing_kept = "no teacher answer survived parsing and filters"

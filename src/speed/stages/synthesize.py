@@ -239,6 +239,8 @@ class Synthesize(GenerationStage):
     """Senior writes, revisor revises, then parse, filter, decontaminate, dedup; sharded, resumable."""
 
     name = "synthesize"
+    # 2: the prompt_echo filter (a field that repeats the prompt's own instructions is dropped)
+    version = 2
     # typed as the base class's, so that a study source (speed.study) may read and use others
     reads: ClassVar[tuple[str, ...]] = ("brainstorm", "senior", "revisor")
     roles: ClassVar[tuple[str, ...]] = ("senior", "revisor")

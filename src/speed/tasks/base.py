@@ -405,6 +405,11 @@ class TaskKind(ABC):
         guidelines = render_guidelines(self.guidelines_template, values, attributes.get("guideline_order"))
         return render_template(self.generate_template, **values, guidelines=guidelines)
 
+    def instructions(self, attributes: Mapping[str, Any]) -> str:
+        """The prompt's own words (the ``prompt_echo`` filter): :meth:`generation_prompt` without
+        the task, which the teacher wrote and an example may well share."""
+        return self.generation_prompt("", attributes)
+
     def json_schema(self) -> dict[str, Any]:
         """The output schema as JSON schema, for constrained decoding."""
         return self.schema.json_schema()

@@ -150,6 +150,11 @@ class GroundedKind(TaskKind):
         guidelines = render_guidelines(self.guidelines_template, values, attributes.get("guideline_order"))
         return render_template(self.generate_template, **values, guidelines=guidelines)
 
+    def instructions(self, attributes: Mapping[str, Any]) -> str:
+        """The prompt's own words without the task and without the passage (and its title), which
+        the example is meant to share."""
+        return self.generation_prompt("", {**attributes, "passage": {"id": "", "text": "", "title": None}})
+
     def complete(self, example: Example | Mapping[str, Any], attributes: Mapping[str, Any]) -> dict[str, Any]:
         """The base kind's whole example: the generated fields, and the corpus text as the positive."""
         data = example.model_dump() if isinstance(example, BaseModel) else dict(example)
